@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make demo` (the main job on the sandbox) and `make test`.
+.PHONY: setup test lint demo up down bench clean
+
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+
+demo: setup
+	.venv/bin/python -m delivery.demo
+
+up: setup
+	.venv/bin/delivery up
+
+down:
+	.venv/bin/delivery down
+
+bench: setup
+	.venv/bin/python bench/run_all.py
+
+clean:
+	.venv/bin/delivery sandbox reset || true
+	rm -rf .tools

@@ -1,0 +1,193 @@
+"""The delivery config: which apps exist, where their code and manifests live, and which source
+refs deploy to which environment. One YAML file (`delivery.yaml`; the sandbox writes its own).
+
+Example:
+
+    apps:
+      workout-api:
+        source_repo: https://github.com/your-org/workout-api.git
+        context: .                     # build context inside the source repo
+        dockerfile: Dockerfile
+        image: registry.example.com/your-org/workout-api
+        default_branch: main
+        gitops_repo: https://github.com/your-org/workout-gitops.git
+        gitops_branch: main
+        chart_path: helm/workout-api
+        environments:
+          dev:
+            branches: [release-dev]
+            values_file: values-dev.yaml          # relative to chart_path
+            application: workout-api-dev          # Argo CD Application name
+            argocd_namespace: argocd
+            namespace: woodez-database-dev        # where the Deployment lives
+            deployment: workout-api
+            health_url: https://dev.example.com/api/health/
+          prod:
+            tags: ["v*.*.*"]
+            ...
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from delivery.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    values_file: str
+    application: str
+    namespace: str
+    deployment: str
+    health_url: str
+    argocd_namespace: str = "argocd"
+    branches: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def matches(self, ref: str) -> bool:
+        """Does a Git ref (`refs/heads/x`, `refs/tags/v1.2.3`, or a bare name) deploy here?"""
+        if ref.startswith("refs/tags/"):
+            name = ref.removeprefix("refs/tags/")
+            return any(fnmatch.fnmatchcase(name, pat) for pat in self.tags)
+        name = ref.removeprefix("refs/heads/")
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.branches)
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    source_repo: str
+    image: str
+    gitops_repo: str
+    chart_path: str
+    environments: dict[str, Environment] = field(default_factory=dict)
+    context: str = "."
+    dockerfile: str = "Dockerfile"
+    default_branch: str = "main"
+    gitops_branch: str = "main"
+
+    def environment(self, name: str) -> Environment:
+        try:
+            return self.environments[name]
+        except KeyError:
+            known = ", ".join(sorted(self.environments)) or "none"
+            raise ConfigError(f"app {self.name!r} has no environment {name!r} (known: {known})") from None
+
+    def values_path(self, env: str) -> str:
+        """Path of the environment's values file inside the GitOps repository."""
+        return f"{self.chart_path.rstrip('/')}/{self.environment(env).values_file}"
+
+    def environments_for_ref(self, ref: str) -> list[Environment]:
+        return [e for e in self.environments.values() if e.matches(ref)]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    apps: dict[str, App]
+
+    def app(self, name: str) -> App:
+        try:
+            return self.apps[name]
+        except KeyError:
+            known = ", ".join(sorted(self.apps)) or "none"
+            raise ConfigError(f"{self.path}: no app {name!r} (known: {known})") from None
+
+    def apps_for_repo(self, repo_names: set[str]) -> list[App]:
+        """Apps whose source repository is one of the given names/URLs (GitHub sends several)."""
+        wanted = {_repo_key(n) for n in repo_names if n}
+        return [a for a in self.apps.values() if _repo_key(a.source_repo) in wanted]
+
+
+def _repo_key(url_or_name: str) -> str:
+    """`https://github.com/org/x.git`, `git@github.com:org/x.git` and `org/x` all become `org/x`."""
+    s = url_or_name.strip().removesuffix("/").removesuffix(".git")
+    s = s.replace(":", "/")
+    parts = [p for p in s.split("/") if p]
+    return "/".join(parts[-2:]).lower()
+
+
+_ENV_REQUIRED = ("values_file", "application", "namespace", "deployment", "health_url")
+_APP_REQUIRED = ("source_repo", "image", "gitops_repo", "chart_path")
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of strings")
+
+
+def parse_config(data: Any, path: Path) -> Config:
+    if not isinstance(data, dict) or not isinstance(data.get("apps"), dict):
+        raise ConfigError(f"{path}: expected a mapping with an 'apps' mapping at the top")
+    apps: dict[str, App] = {}
+    for app_name, raw in data["apps"].items():
+        where = f"{path}: apps.{app_name}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        missing = [k for k in _APP_REQUIRED if not raw.get(k)]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        envs: dict[str, Environment] = {}
+        for env_name, env_raw in (raw.get("environments") or {}).items():
+            ewhere = f"{where}.environments.{env_name}"
+            if not isinstance(env_raw, dict):
+                raise ConfigError(f"{ewhere}: expected a mapping")
+            emissing = [k for k in _ENV_REQUIRED if not env_raw.get(k)]
+            if emissing:
+                raise ConfigError(f"{ewhere}: missing {', '.join(emissing)}")
+            envs[str(env_name)] = Environment(
+                name=str(env_name),
+                values_file=str(env_raw["values_file"]),
+                application=str(env_raw["application"]),
+                namespace=str(env_raw["namespace"]),
+                deployment=str(env_raw["deployment"]),
+                health_url=str(env_raw["health_url"]),
+                argocd_namespace=str(env_raw.get("argocd_namespace", "argocd")),
+                branches=_str_list(env_raw.get("branches"), f"{ewhere}.branches"),
+                tags=_str_list(env_raw.get("tags"), f"{ewhere}.tags"),
+            )
+        if not envs:
+            raise ConfigError(f"{where}: no environments")
+        apps[str(app_name)] = App(
+            name=str(app_name),
+            source_repo=str(raw["source_repo"]),
+            image=str(raw["image"]),
+            gitops_repo=str(raw["gitops_repo"]),
+            chart_path=str(raw["chart_path"]),
+            environments=envs,
+            context=str(raw.get("context", ".")),
+            dockerfile=str(raw.get("dockerfile", "Dockerfile")),
+            default_branch=str(raw.get("default_branch", "main")),
+            gitops_branch=str(raw.get("gitops_branch", "main")),
+        )
+    return Config(path=path, apps=apps)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the config in force (see `Settings.resolved_config_file`); errors name the file."""
+    if path is None:
+        from delivery.settings import get_settings
+
+        path = get_settings().resolved_config_file()
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: no delivery config. Start the sandbox (`delivery sandbox up`) or set DELIVERY_CONFIG_FILE."
+        )
+    try:
+        data = YAML(typ="safe").load(path.read_text())
+    except YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_config(data, path)

@@ -1,0 +1,73 @@
+"""Settings: one pydantic class, read from `DELIVERY_*` environment variables (and `.env`).
+
+Secrets are `SecretStr` so that printing a `Settings` object, or a Prefect parameter built from it,
+shows `**********` rather than the value. Code that needs the value calls `.get_secret_value()` at
+the last moment and never logs it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The checkout this package runs from; the sandbox keeps its state beside it by default.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DELIVERY_", env_file=".env", extra="ignore")
+
+    # Where apps and environments are described. Empty means: the sandbox's own config.
+    config_file: Path | None = None
+    sandbox_dir: Path = Field(default=PROJECT_ROOT / ".sandbox")
+
+    # Registry the pipeline pushes to, and its credentials (none for the sandbox registry).
+    registry: str = "127.0.0.1:5000"
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    # Name of a Prefect `Secret` block holding the registry password, used when the setting is empty.
+    registry_password_block: str | None = None
+
+    # Token put into https Git remote URLs (`https://x-access-token:<token>@host/...`).
+    git_token: SecretStr | None = None
+    git_author_name: str = "delivery-bot"
+    git_author_email: str = "delivery-bot@users.noreply.local"
+
+    # GitHub webhook shared secret; the receiver refuses to start without one.
+    webhook_secret: SecretStr | None = None
+    webhook_secret_block: str | None = None
+
+    # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
+    kubeconfig: Path | None = None
+
+    @property
+    def sandbox_kubeconfig(self) -> Path:
+        return self.sandbox_dir / "kubeconfig"
+
+    @property
+    def sandbox_config_file(self) -> Path:
+        return self.sandbox_dir / "delivery.yaml"
+
+    def resolved_config_file(self) -> Path:
+        """The config in force: the explicit one, else `./delivery.yaml`, else the sandbox's."""
+        if self.config_file is not None:
+            return self.config_file
+        local = Path.cwd() / "delivery.yaml"
+        if local.exists():
+            return local
+        return self.sandbox_config_file
+
+    def resolved_kubeconfig(self) -> Path | None:
+        if self.kubeconfig is not None:
+            return self.kubeconfig
+        if self.sandbox_kubeconfig.exists():
+            return self.sandbox_kubeconfig
+        return None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The sandbox: the embedded default environment that runs the whole pipeline on one machine."""
