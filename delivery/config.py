@@ -13,6 +13,7 @@ Example:
         gitops_repo: https://github.com/your-org/workout-gitops.git
         gitops_branch: main
         chart_path: helm/workout-api
+        build_args: {BASE_IMAGE: busybox:1.36}
         environments:
           dev:
             branches: [release-dev]
@@ -73,6 +74,8 @@ class App:
     dockerfile: str = "Dockerfile"
     default_branch: str = "main"
     gitops_branch: str = "main"
+    # Extra `docker build` args, e.g. BASE_IMAGE for machines without Docker Hub.
+    build_args: dict[str, str] = field(default_factory=dict)
 
     def environment(self, name: str) -> Environment:
         try:
@@ -129,6 +132,14 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
     raise ConfigError(f"{where}: expected a list of strings")
 
 
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of strings")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def parse_config(data: Any, path: Path) -> Config:
     if not isinstance(data, dict) or not isinstance(data.get("apps"), dict):
         raise ConfigError(f"{path}: expected a mapping with an 'apps' mapping at the top")
@@ -172,6 +183,7 @@ def parse_config(data: Any, path: Path) -> Config:
             dockerfile=str(raw.get("dockerfile", "Dockerfile")),
             default_branch=str(raw.get("default_branch", "main")),
             gitops_branch=str(raw.get("gitops_branch", "main")),
+            build_args=_str_map(raw.get("build_args"), f"{where}.build_args"),
         )
     return Config(path=path, apps=apps)
 

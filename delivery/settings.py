@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
     kubeconfig: Path | None = None
 
+    # Where flows keep their clones of the source and GitOps repositories between runs.
+    work_dir_override: Path | None = Field(default=None, alias="DELIVERY_WORK_DIR")
+
+    @property
+    def work_dir(self) -> Path:
+        return self.work_dir_override or (self.sandbox_dir / "work")
+
     @property
     def sandbox_kubeconfig(self) -> Path:
         return self.sandbox_dir / "kubeconfig"

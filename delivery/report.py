@@ -1,0 +1,114 @@
+"""The run report: each stage with its duration and outcome, rendered as a Prefect markdown
+artifact. A machine-readable copy rides along in an HTML comment (invisible in the UI) so that
+`delivery history` can compute lead times from the same artifact people read."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SUMMARY_MARKER = "delivery-summary"
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float = 0.0
+    outcome: str = "ok"  # ok | failed | skipped
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    kind: str  # deploy | rollback
+    app: str
+    environment: str
+    tag: str = ""
+    source_ref: str = ""
+    source_sha: str = ""
+    digest: str = ""
+    values_commit: str = ""
+    previous_tag: str = ""
+    health_url: str = ""
+    flow_run_id: str = ""
+    received_at: str = ""
+    started_at: float = field(default_factory=time.time)
+    stages: list[Stage] = field(default_factory=list)
+    argocd: str = ""
+    health_answer: str = ""
+    result: str = "running"  # completed | failed | superseded | rolled-back
+    reason: str = ""
+    rolled_back_to: str = ""
+    serving: str = ""
+    finished_at: float = 0.0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Stage]:
+        st = Stage(name)
+        self.stages.append(st)
+        t0 = time.monotonic()
+        try:
+            yield st
+        except BaseException as e:
+            st.outcome = "failed"
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            st.detail = st.detail or msg
+            raise
+        finally:
+            st.seconds = round(time.monotonic() - t0, 3)
+
+    def skip(self, name: str, detail: str) -> None:
+        self.stages.append(Stage(name, 0.0, "skipped", detail))
+
+    def stage_seconds(self, name: str) -> float:
+        return sum(s.seconds for s in self.stages if s.name == name)
+
+    def finish(self, result: str, reason: str = "") -> None:
+        self.result = result
+        self.reason = reason
+        self.finished_at = time.time()
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        title = f"{self.kind.capitalize()} {self.app} → {self.environment}: **{self.result}**"
+        lines = [f"# {title}", ""]
+        if self.reason:
+            lines += [f"> {self.reason}", ""]
+        rows = [
+            ("Source", f"`{self.source_ref}` @ `{self.source_sha}`" if self.source_sha else ""),
+            ("Image tag", f"`{self.tag}`"),
+            ("Image digest", f"`{self.digest}`" if self.digest else ""),
+            ("Values commit", f"`{self.values_commit}`" if self.values_commit else ""),
+            ("Previous tag", f"`{self.previous_tag}`" if self.previous_tag else ""),
+            ("Argo CD", self.argocd),
+            ("Health answer", f"`{self.health_answer}`" if self.health_answer else ""),
+            ("Rolled back to", f"`{self.rolled_back_to}`" if self.rolled_back_to else ""),
+            ("Now serving", f"`{self.serving}`" if self.serving else ""),
+        ]
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v]
+        lines += ["", "## Stages", "", "| stage | seconds | outcome | detail |", "|---|---:|---|---|"]
+        for s in self.stages:
+            detail = s.detail.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {s.name} | {s.seconds:.2f} | {s.outcome} | {detail} |")
+        total = (self.finished_at or time.time()) - self.started_at
+        lines += ["", f"Total: {total:.1f} s", "", f"<!-- {SUMMARY_MARKER} {json.dumps(self.summary())} -->"]
+        return "\n".join(lines)
+
+
+def parse_summary(markdown: str) -> dict[str, Any] | None:
+    """The machine-readable summary embedded by `Report.markdown`, or None."""
+    start = markdown.rfind(f"<!-- {SUMMARY_MARKER} ")
+    if start < 0:
+        return None
+    body = markdown[start + len(SUMMARY_MARKER) + 6:]
+    end = body.rfind(" -->")
+    try:
+        return json.loads(body[:end])
+    except (ValueError, TypeError):
+        return None

@@ -1,0 +1,240 @@
+"""The deploy flow: source commit → image → values commit → Argo CD synced at that commit →
+rollout → health answering the new version → report. A failure after the values commit reached
+the remote runs the rollback flow as a subflow, then the run ends Failed naming what serves now.
+
+Why a subflow and not a Prefect automation on the Failed event: the rollback must happen while
+this run still holds the environment's deploy lock (so no newer deploy can slip in between), and
+its outcome belongs in this run's report and final message."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.states import Cancelled, Failed
+
+from delivery.config import App, Environment, load_config
+from delivery.errors import DeliveryError, DeploySuperseded, RollbackError
+from delivery.log import get_logger
+from delivery.report import Report
+from delivery.runs import active_deploy_runs, ensure_lock
+from delivery.settings import get_settings
+from tasks import argocd, gitops, images, probes
+
+
+def _tag_for(source_ref: str, source_sha: str, default_branch: str) -> str:
+    return images.image_tags(source_ref, source_sha, default_branch)[0]
+
+
+def _run_name() -> str:
+    p = runtime.flow_run.parameters
+    try:
+        cfg = load_config()
+        tag = _tag_for(p["source_ref"], p["source_sha"], cfg.app(p["app"]).default_branch)
+    except Exception:  # the name must never fail the run; validation happens in the flow body
+        tag = str(p.get("source_sha", ""))[:7]
+    return f"deploy-{p['app']}-{p['environment']}-{tag}"
+
+
+def work_dir(*parts: str) -> Path:
+    d = get_settings().work_dir.joinpath(*parts)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _superseded_by(src_repo: Any, app: App, env: Environment, source_ref: str, source_sha: str,
+                   deployed_source: str | None) -> str | None:
+    """A newer commit of the same ref that is queued, running or already deployed, if any."""
+    candidates = [r.source_sha for r in active_deploy_runs(app.name, env.name, runtime.flow_run.id)
+                  if r.source_ref == source_ref and r.source_sha and r.source_sha != source_sha]
+    if deployed_source and deployed_source != source_sha:
+        candidates.append(deployed_source)
+    for sha in candidates:
+        if gitops.is_newer(src_repo, source_sha, sha):
+            return sha
+    return None
+
+
+def _commit_author() -> tuple[str, str]:
+    s = get_settings()
+    return (s.git_author_name, s.git_author_email)
+
+
+@flow(name="deploy", flow_run_name=_run_name, log_prints=False)
+def deploy(
+    app: str,
+    environment: str,
+    source_ref: str,
+    source_sha: str,
+    delivery_id: str | None = None,
+    received_at: str | None = None,
+    sync_timeout: float = 180.0,
+    rollout_timeout: float = 120.0,
+    health_timeout: float = 60.0,
+    lock_timeout: float = 1800.0,
+) -> dict[str, Any] | Any:
+    """Build the source commit, push the image, bump the environment's values file, wait for Argo CD
+    to sync that commit, verify the rollout and the app's health; roll back if that fails."""
+    log = get_logger()
+    cfg = load_config()
+    a = cfg.app(app)
+    env = a.environment(environment)
+    tags = images.image_tags(source_ref, source_sha, a.default_branch)
+    tag = tags[0]
+    report = Report(kind="deploy", app=app, environment=environment, tag=tag, source_ref=source_ref,
+                    source_sha=source_sha, health_url=env.health_url, flow_run_id=str(runtime.flow_run.id or ""),
+                    received_at=received_at or "")
+    values_path = a.values_path(environment)
+
+    try:
+        with report.stage("checkout"):
+            src_dir = gitops.checkout_commit_task(a.source_repo, source_sha, work_dir(app, "source"))
+            src_repo = gitops.open_repo(src_dir)
+        # Check before queueing on the lock: in a burst, most runs end here at once.
+        newer = _superseded_by(src_repo, a, env, source_ref, source_sha, None)
+        if newer:
+            raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
+
+        lock = ensure_lock(app, environment)
+        with report.stage("lock"):
+            with concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout):
+                return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
+                                      rollout_timeout, health_timeout)
+    except DeploySuperseded as e:
+        report.finish("superseded", str(e))
+        log.info("deploy skipped: %s", e)
+        _publish(report)
+        return Cancelled(message=str(e))
+    except DeliveryError as e:
+        if report.result == "running":
+            report.finish("failed", str(e))
+        _publish(report)
+        raise
+
+
+def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], src_dir: Path, src_repo: Any,
+                   values_path: str, sync_timeout: float, rollout_timeout: float,
+                   health_timeout: float) -> dict[str, Any] | Any:
+    log = get_logger()
+    tag = tags[0]
+    gitops_dir = work_dir(a.name, f"gitops-{env.name}")
+    with report.stage("gitops-checkout"):
+        repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
+    deployed_source = gitops.deployed_source_commit(repo, environment=env.name)
+    newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source)
+    if newer:
+        raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, deployed or queued")
+    values_file = gitops_dir / values_path
+    report.previous_tag = gitops.read_image_tag(values_file)
+
+    # A re-run after a crash finds the image already pushed: same tag, same source commit.
+    with report.stage("build"):
+        if images.image_exists(a.image, tag):
+            report.stages[-1].outcome = "skipped"
+            report.stages[-1].detail = "image already in the registry"
+            built = None
+        else:
+            built = images.build_image_task(
+                src_dir / a.context, a.image, tags, dockerfile=a.dockerfile,
+                build_args={**a.build_args, "APP_VERSION": tag}, revision=report.source_sha, source=a.source_repo,
+            )
+    with report.stage("push"):
+        if built is None:
+            report.digest = images.manifest_digest(a.image, tag) or ""
+            report.stages[-1].outcome = "skipped"
+        else:
+            report.digest = images.push_image_task(a.image, tags, credentials=images.registry_credentials()).digest
+
+    with report.stage("bump-commit-push"):
+        bump = gitops.bump_image_tag_task(values_file, tag)
+        message = gitops.commit_message(
+            "bump", tag, app=a.name, environment=env.name, source_sha=report.source_sha, digest=report.digest,
+            replaces=bump.old_tag, flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
+        )
+        commit = gitops.commit_and_push_task(repo, [values_path], message, author=_commit_author(),
+                                             branch=a.gitops_branch)
+        report.values_commit = commit.sha
+        report.stages[-1].detail = "new commit" if commit.committed else "tag already in Git"
+    log.info("values commit %s sets %s to %s", commit.sha[:12], values_path, tag)
+
+    # From here on Git names the new tag: any failure must put the last known-good tag back.
+    try:
+        _verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout)
+    except DeliveryError as failure:
+        return _roll_back_after(report, a, env, repo, failure)
+
+    with report.stage("record-verified"):
+        gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=tag)
+    report.serving = tag
+    report.finish("completed")
+    _publish(report)
+    return report.summary()
+
+
+def _verify(report: Report, env: Environment, revision: str, tag: str, sync_timeout: float,
+            rollout_timeout: float, health_timeout: float) -> None:
+    with report.stage("argocd-refresh"):
+        argocd.request_refresh_task(env.application, namespace=env.argocd_namespace)
+    with report.stage("argocd-sync"):
+        status = argocd.wait_for_sync_task(env.application, revision, timeout=sync_timeout,
+                                           namespace=env.argocd_namespace)
+        report.argocd = argocd.describe(status)
+    with report.stage("rollout"):
+        probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)
+    with report.stage("health"):
+        answer = probes.probe_health_task(env.health_url, expect_version=tag, timeout=health_timeout)
+        report.health_answer = f"{answer.status_code} {answer.body}"
+
+
+def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failure: DeliveryError) -> Any:
+    from flows.rollback import rollback
+
+    log = get_logger()
+    bad = report.tag
+    target = gitops.last_verified_tag(repo, env.name, branch=a.gitops_branch, exclude={bad}) or (
+        report.previous_tag if report.previous_tag != bad else None)
+    log.error("deploy of %s failed after its values commit: %s; rolling back to %s", bad, failure, target)
+    if not target:
+        msg = (f"deploy of {bad} to {env.name} failed ({failure}) and there is no known-good tag to roll back to; "
+               f"Git still names {bad}")
+        report.finish("failed", msg)
+        _publish(report)
+        return Failed(message=msg)
+    with report.stage("rollback"):
+        try:
+            result = rollback(app=a.name, environment=env.name, to_tag=target,
+                              reason=f"automatic: deploy of {bad} failed: {failure}")
+            report.rolled_back_to = target
+            report.serving = result.get("serving", target) if isinstance(result, dict) else target
+            msg = f"deploy of {bad} to {env.name} failed: {failure}; rolled back, now serving {report.serving}"
+        except (DeliveryError, RollbackError) as rb:
+            report.rolled_back_to = f"{target} (unverified)"
+            msg = (f"deploy of {bad} to {env.name} failed ({failure}) and the rollback to {target} could not be "
+                   f"verified either ({rb}); Git names {target}")
+        except Exception as rb:  # a crashed subflow must still end this run with a clear message
+            report.rolled_back_to = f"{target} (unverified)"
+            msg = f"deploy of {bad} to {env.name} failed ({failure}); rollback to {target} failed: {rb}"
+    report.finish("rolled-back" if report.serving else "failed", msg)
+    _publish(report)
+    return Failed(message=msg)
+
+
+def _publish(report: Report) -> None:
+    """The run's report and a link to the app; skipped outside a flow run (plain calls in tests)."""
+    if not runtime.flow_run.id:
+        return
+    key = f"{report.kind}-{report.app}-{report.environment}".lower()
+    create_markdown_artifact(key=key, markdown=report.markdown(),
+                             description=f"{report.kind} of {report.tag} to {report.environment}: {report.result}")
+    if report.health_url:
+        create_link_artifact(key=f"{key}-health", link=report.health_url,
+                             link_text=f"{report.app} {report.environment} health",
+                             description="the app's health endpoint")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()

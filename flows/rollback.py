@@ -1,0 +1,94 @@
+"""The rollback flow: write a known-good tag back into the values file as a NEW commit, wait for
+Argo CD to sync that commit, verify rollout and health. Never a force-push, never a history
+rewrite, never `argocd app rollback` (Argo CD refuses it while auto-sync is on, and it would
+leave Git naming the bad tag)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, runtime
+from prefect.concurrency.sync import concurrency
+
+from delivery.config import load_config
+from delivery.errors import DeliveryError, RollbackError
+from delivery.log import get_logger
+from delivery.report import Report
+from delivery.runs import ensure_lock
+from flows.deploy import _commit_author, _publish, _verify, work_dir
+from tasks import gitops, images
+
+
+def _run_name() -> str:
+    p = runtime.flow_run.parameters
+    return f"rollback-{p['app']}-{p['environment']}-{p.get('to_tag') or 'last-known-good'}"
+
+
+@flow(name="rollback", flow_run_name=_run_name)
+def rollback(
+    app: str,
+    environment: str,
+    to_tag: str | None = None,
+    reason: str = "",
+    sync_timeout: float = 180.0,
+    rollout_timeout: float = 120.0,
+    health_timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Roll an environment back to `to_tag`, or to the last tag a deploy verified healthy.
+
+    Parameters:
+        app: the app name from the delivery config.
+        environment: the environment to roll back (e.g. dev, staging, prod).
+        to_tag: the image tag to put back; empty means the last known-good tag.
+        reason: why; written into the rollback commit.
+    """
+    a = load_config().app(app)
+    env = a.environment(environment)
+    # Run by hand it takes the environment's deploy lock; run by the deploy flow, its parent holds it.
+    if runtime.flow_run.parent_flow_run_id:
+        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
+    with concurrency(ensure_lock(app, environment), occupy=1, strict=True, timeout_seconds=1800):
+        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
+
+
+def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout) -> dict[str, Any]:
+    log = get_logger()
+    report = Report(kind="rollback", app=a.name, environment=env.name, health_url=env.health_url,
+                    flow_run_id=str(runtime.flow_run.id or ""), reason=reason)
+    values_path = a.values_path(env.name)
+    gitops_dir = work_dir(a.name, f"gitops-{env.name}")
+    try:
+        with report.stage("gitops-checkout"):
+            repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
+            current = gitops.read_image_tag(gitops_dir / values_path)
+            report.previous_tag = current
+        target = to_tag or gitops.last_verified_tag(repo, env.name, branch=a.gitops_branch, exclude={current})
+        if not target:
+            raise RollbackError(f"no known-good tag recorded for {a.name}/{env.name} other than {current}; "
+                                "give to_tag explicitly")
+        report.tag = target
+        # Refuse before touching Git: Argo CD would sync a tag whose image cannot be pulled.
+        with report.stage("image-check"):
+            if not images.image_exists(a.image, target):
+                raise RollbackError(f"image {a.image}:{target} is not in the registry; nothing was changed")
+        with report.stage("bump-commit-push"):
+            gitops.bump_image_tag_task(gitops_dir / values_path, target)
+            message = gitops.commit_message(
+                "rollback", target, app=a.name, environment=env.name, replaces=current, reason=reason,
+                flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
+            )
+            commit = gitops.commit_and_push_task(repo, [values_path], message, author=_commit_author(),
+                                                 branch=a.gitops_branch)
+            report.values_commit = commit.sha
+        log.info("rollback commit %s puts %s back (was %s)", commit.sha[:12], target, current)
+        _verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout)
+        with report.stage("record-verified"):
+            gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=target)
+        report.serving = target
+        report.finish("completed", reason)
+        return report.summary()
+    except DeliveryError as e:
+        report.finish("failed", f"rollback to {report.tag or '?'} failed: {e}")
+        raise RollbackError(report.reason) from e
+    finally:
+        _publish(report)
