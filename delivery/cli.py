@@ -15,6 +15,71 @@ def _sandbox(args: argparse.Namespace) -> int:
     return manager.cli(args.action)
 
 
+def _up(args: argparse.Namespace) -> int:
+    from delivery import stack
+
+    st = stack.up(webhook_port=args.webhook_port)
+    print(f"Prefect UI:       {st.prefect_ui_url}")
+    print(f"Webhook receiver: {st.webhook_url}/webhooks/github")
+    print("Logs:             .sandbox/logs/   Stop with: delivery down")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from delivery import stack
+
+    stack.down()
+    print("stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from delivery import stack
+    from sandbox import manager
+
+    rc = manager.cli("status")
+    print("\n".join(stack.status_lines()))
+    return rc
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    from deployments import webhook
+
+    webhook.serve(host=args.host, port=args.port)
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from delivery import history
+
+    rows = history.read_history(args.app, args.environment, args.limit)
+    print(history.render(rows))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Start a deployment run and wait for its end (or run the flow here with --local)."""
+    if args.command == "rollback":
+        params = {"app": args.app, "environment": args.environment, "to_tag": args.to_tag, "reason": args.reason}
+        name = "rollback/rollback"
+    else:
+        params = {"apps": args.apps or None, "heal": args.heal}
+        name = "drift-check/drift-check"
+    if args.local:
+        if args.command == "rollback":
+            from flows.rollback import rollback as fn
+        else:
+            from flows.drift import drift_check as fn
+        state = fn(**params, return_state=True)
+        print(f"{state.name}: {state.message or ''}")
+        return 0 if state.is_completed() else 1
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name=name, parameters=params, timeout=args.timeout)
+    print(f"{run.name}: {run.state_name}: {run.state.message if run.state else ''}")
+    return 0 if run.state and run.state.is_completed() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="delivery", description="GitOps delivery pipeline on Prefect.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -22,6 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="the one-machine environment (registry, Git, Kubernetes/Argo CD emulators)")
     sb.add_argument("action", choices=["up", "down", "status", "reset"])
     sb.set_defaults(func=_sandbox)
+
+    up = sub.add_parser("up", help="start the sandbox, Prefect server, serve process and webhook receiver")
+    up.add_argument("--webhook-port", type=int, default=8080)
+    up.set_defaults(func=_up)
+    sub.add_parser("down", help="stop everything `delivery up` started").set_defaults(func=_down)
+    sub.add_parser("status", help="what runs and whether it answers").set_defaults(func=_status)
+
+    wh = sub.add_parser("webhook", help="the GitHub webhook receiver")
+    wh.add_argument("action", choices=["serve"])
+    wh.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1 unless you mean it)")
+    wh.add_argument("--port", type=int, default=8080)
+    wh.set_defaults(func=_webhook)
+
+    hi = sub.add_parser("history", help="deploy and rollback runs with DORA figures")
+    hi.add_argument("app", nargs="?")
+    hi.add_argument("--environment", "-e")
+    hi.add_argument("--limit", "-n", type=int, default=20)
+    hi.set_defaults(func=_history)
+
+    rb = sub.add_parser("rollback", help="roll an environment back to the last known-good or a given tag")
+    rb.add_argument("app")
+    rb.add_argument("environment")
+    rb.add_argument("--to-tag", default=None)
+    rb.add_argument("--reason", default="manual rollback from the CLI")
+    rb.add_argument("--local", action="store_true", help="run the flow in this process, not via the deployment")
+    rb.add_argument("--timeout", type=float, default=600)
+    rb.set_defaults(func=_run)
+
+    dr = sub.add_parser("drift", help="run the drift check now")
+    dr.add_argument("apps", nargs="*")
+    dr.add_argument("--heal", action="store_true")
+    dr.add_argument("--local", action="store_true")
+    dr.add_argument("--timeout", type=float, default=300)
+    dr.set_defaults(func=_run)
     return p
 
 

@@ -36,7 +36,7 @@ def rollback(
 ) -> dict[str, Any]:
     """Roll an environment back to `to_tag`, or to the last tag a deploy verified healthy.
 
-    Parameters:
+    Args:
         app: the app name from the delivery config.
         environment: the environment to roll back (e.g. dev, staging, prod).
         to_tag: the image tag to put back; empty means the last known-good tag.

@@ -1,0 +1,149 @@
+"""`delivery history`: the deploy and rollback runs from the Prefect API, with the figures their
+reports carry, and the four DORA figures over the shown window."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterType,
+    FlowFilter,
+    FlowFilterName,
+)
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from delivery.report import parse_summary
+
+
+@dataclass
+class HistoryRow:
+    when: datetime | None
+    kind: str
+    app: str
+    environment: str
+    tag: str
+    source: str
+    result: str
+    lead_time_s: float | None
+    rolled_back_to: str
+    restore_s: float | None
+    run_name: str
+
+
+def _lead_time(summary: dict[str, Any]) -> float | None:
+    """Push received (or run start) → verified healthy; None unless the deploy was verified."""
+    if summary.get("result") != "completed" or not summary.get("finished_at"):
+        return None
+    start = summary.get("started_at")
+    if summary.get("received_at"):
+        try:
+            start = datetime.fromisoformat(summary["received_at"]).timestamp()
+        except ValueError:
+            pass
+    return round(summary["finished_at"] - start, 2) if start else None
+
+
+def row_from(run: Any, summary: dict[str, Any] | None) -> HistoryRow:
+    p = run.parameters or {}
+    s = summary or {}
+    kind = "rollback" if run.flow_name == "rollback" else "deploy"
+    result = s.get("result") or (run.state_name or "").lower()
+    restore = None
+    if kind == "deploy" and result == "rolled-back":
+        restore = sum(st["seconds"] for st in s.get("stages", []) if st["name"] == "rollback") or None
+    return HistoryRow(
+        when=run.start_time or run.expected_start_time, kind=kind, app=p.get("app", ""),
+        environment=p.get("environment", ""), tag=s.get("tag") or p.get("to_tag") or "",
+        source=(p.get("source_sha") or "")[:7], result=result,
+        lead_time_s=_lead_time(s) if kind == "deploy" else None,
+        rolled_back_to=s.get("rolled_back_to", ""), restore_s=restore, run_name=run.name,
+    )
+
+
+async def _read(app: str | None, environment: str | None, limit: int) -> list[HistoryRow]:
+    async with get_client() as client:
+        flows = {f.id: f.name for f in await client.read_flows(flow_filter=FlowFilter(
+            name=FlowFilterName(any_=["deploy", "rollback"])))}
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy", "rollback"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=limit * 4,
+        )
+        rows = []
+        for run in runs:
+            p = run.parameters or {}
+            if (app and p.get("app") != app) or (environment and p.get("environment") != environment):
+                continue
+            run.flow_name = flows.get(run.flow_id, "")  # type: ignore[attr-defined]
+            if run.flow_name == "rollback" and run.parent_task_run_id:
+                continue  # an automatic rollback shows in its deploy's row
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
+                type=ArtifactFilterType(any_=["markdown"])))
+            summary = next((parse_summary(a.data) for a in arts if isinstance(a.data, str)
+                            and parse_summary(a.data)), None)
+            rows.append(row_from(run, summary))
+            if len(rows) >= limit:
+                break
+        return rows
+
+
+def read_history(app: str | None = None, environment: str | None = None, limit: int = 20) -> list[HistoryRow]:
+    return run_coro_as_sync(_read(app, environment, limit))
+
+
+@dataclass
+class Dora:
+    deployments: int
+    per_day: float
+    median_lead_time_s: float | None
+    change_failure_rate: float | None
+    median_time_to_restore_s: float | None
+
+
+def dora(rows: list[HistoryRow]) -> Dora:
+    deploys = [r for r in rows if r.kind == "deploy" and r.result not in ("superseded", "cancelled")]
+    done = [r for r in deploys if r.result == "completed"]
+    failed = [r for r in deploys if r.result in ("failed", "rolled-back", "crashed")]
+    whens = [r.when for r in rows if r.when]
+    days = max((max(whens) - min(whens)).total_seconds() / 86400, 1 / 24) if len(whens) > 1 else 1.0
+    leads = [r.lead_time_s for r in done if r.lead_time_s is not None]
+    restores = [r.restore_s for r in deploys if r.restore_s is not None]
+    return Dora(
+        deployments=len(done),
+        per_day=round(len(done) / days, 2),
+        median_lead_time_s=round(statistics.median(leads), 2) if leads else None,
+        change_failure_rate=round(len(failed) / len(deploys), 3) if deploys else None,
+        median_time_to_restore_s=round(statistics.median(restores), 2) if restores else None,
+    )
+
+
+def render(rows: list[HistoryRow]) -> str:
+    head = ("when", "kind", "app", "env", "tag", "source", "result", "lead time", "rolled back to")
+    body = [(
+        r.when.strftime("%Y-%m-%d %H:%M:%S") if r.when else "-", r.kind, r.app, r.environment, r.tag or "-",
+        r.source or "-", r.result, f"{r.lead_time_s:.1f} s" if r.lead_time_s is not None else "-",
+        r.rolled_back_to or "-",
+    ) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
+    d = dora(rows)
+
+    def secs(v: float | None) -> str:
+        return f"{v:.1f} s" if v is not None else "n/a"
+
+    lines += [
+        "",
+        f"Deployment frequency: {d.deployments} verified deploys ({d.per_day}/day over the window)",
+        f"Median lead time (push received → verified healthy): {secs(d.median_lead_time_s)}",
+        "Change failure rate: " + (f"{d.change_failure_rate:.0%}" if d.change_failure_rate is not None else "n/a"),
+        f"Median time to restore (failed deploy → verified rollback): {secs(d.median_time_to_restore_s)}",
+    ]
+    return "\n".join(lines)
