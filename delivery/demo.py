@@ -1,0 +1,219 @@
+"""The main job on the sandbox, end to end, as a new user would watch it (`make demo`):
+
+1. start everything (`delivery up`);
+2. push a commit to the sample app's deploying branch and deliver a signed GitHub push webhook:
+   the deploy flow builds, pushes, bumps, waits for Argo CD and verifies the new version;
+3. push a commit that breaks the health check: the deploy fails and rolls back automatically,
+   the previous version answers again;
+4. change the live Deployment behind Argo CD's back: a drift-check run finds it, a healing run
+   asks Argo CD to put Git's version back;
+5. print the run history, the DORA figures and the Prefect UI address. The stack stays up until
+   `delivery down`. Re-running works: each run makes new commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import git
+
+from delivery import stack
+from delivery.config import load_config
+from delivery.settings import get_settings
+
+ZERO = "0" * 40
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def push_payload(ref: str, before: str, after: str, repo_url: str, commits: list[dict[str, str]]) -> dict[str, Any]:
+    """A push event shaped like GitHub's (the fields the receiver reads, and the usual others)."""
+    name = Path(repo_url.rstrip("/")).name.removesuffix(".git")
+    return {
+        "ref": ref, "before": before, "after": after, "created": before == ZERO, "deleted": after == ZERO,
+        "forced": False, "base_ref": None, "compare": "",
+        "commits": [{"id": c["id"], "message": c["message"], "distinct": True,
+                     "author": {"name": "demo", "email": "demo@example.com"}} for c in commits],
+        "head_commit": ({"id": commits[-1]["id"], "message": commits[-1]["message"]} if commits else None),
+        "repository": {"name": name, "full_name": f"sandbox/{name}", "clone_url": repo_url,
+                       "ssh_url": repo_url, "html_url": repo_url, "default_branch": "main"},
+        "pusher": {"name": "demo", "email": "demo@example.com"},
+    }
+
+
+def deliver(url: str, secret: str, payload: dict[str, Any], *, event: str = "push",
+            delivery_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    body = json.dumps(payload).encode()
+    sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()), "X-Hub-Signature-256": sig,
+        "User-Agent": "GitHub-Hookshot/demo"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def source_clone(remote: str, workdir: Path) -> git.Repo:
+    if workdir.exists():
+        repo = git.Repo(workdir)
+        repo.remotes.origin.fetch()
+    else:
+        repo = git.Repo.clone_from(remote, workdir)
+    return repo
+
+
+def commit_to(repo: git.Repo, branch: str, edit: dict[str, str], message: str) -> tuple[str, str]:
+    """Commit file edits on top of origin/<branch> and push; returns (before, after)."""
+    repo.git.checkout("-B", branch, f"origin/{branch}")
+    before = repo.head.commit.hexsha
+    for rel, text in edit.items():
+        (Path(repo.working_tree_dir) / rel).write_text(text)
+        repo.index.add([rel])
+    actor = git.Actor("demo", "demo@example.com")
+    repo.index.commit(message, author=actor, committer=actor)
+    repo.remotes.origin.push(f"{branch}:{branch}")
+    return before, repo.head.commit.hexsha
+
+
+def wait_run(run_id: str, timeout: float = 300) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def read() -> Any:
+        async with get_client() as c:
+            return await c.read_flow_run(uuid.UUID(run_id))
+
+    last = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = run_coro_as_sync(read())
+        if run.state_name != last:
+            say(f"  run {run.name}: {run.state_name}")
+            last = run.state_name
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(1)
+    raise SystemExit(f"run {run_id} did not finish within {timeout:.0f} s")
+
+
+def health(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return f"{r.status} {r.read().decode()[:200]}"
+    except urllib.error.HTTPError as e:
+        return f"{e.code} {e.read().decode()[:200]}"
+    except OSError as e:
+        return f"no answer ({e})"
+
+
+def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: str, edit: dict[str, str],
+                    message: str, secret: str) -> Any:
+    before, after = commit_to(repo, branch, edit, message)
+    say(f"pushed {after[:7]} to {branch}: {message!r}")
+    status, answer = deliver(f"{st.webhook_url}/webhooks/github", secret,
+                             push_payload(f"refs/heads/{branch}", before, after, remote,
+                                          [{"id": after, "message": message}]))
+    say(f"webhook answered {status}: {answer.get('status')} {answer.get('reason', '')}")
+    if status != 202 or not answer.get("runs"):
+        raise SystemExit("the webhook did not queue a deploy")
+    return wait_run(answer["runs"][0]["flow_run_id"])
+
+
+def main() -> int:
+    say("starting the sandbox, Prefect server, serve process and webhook receiver (delivery up)")
+    st = stack.up()
+    import os
+
+    os.environ["PREFECT_API_URL"] = st.prefect_api_url
+    cfg = load_config(get_settings().sandbox_config_file)
+    app = cfg.app("workout-api")
+    env = app.environment("dev")
+    branch = env.branches[0]
+    secret = stack.sandbox_webhook_secret()
+    repo = source_clone(app.source_repo, get_settings().sandbox_dir / "demo" / "workout-api")
+    settings_rel = "app/settings.env"
+    good = (Path(repo.working_tree_dir) / settings_rel).read_text()
+    say(f"{app.name}/{env.name} answers now: {health(env.health_url)}")
+
+    say("1) a good change: deploy, verified")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    good_text = good.replace("HEALTHY=false", "HEALTHY=true").rstrip("\n") + f"\n# demo release {stamp}\n"
+    run = push_and_deploy(st, repo, app.source_repo, branch, {settings_rel: good_text},
+                          f"feat: demo release {stamp}", secret)
+    say(f"deploy ended {run.state_name}; {env.name} answers: {health(env.health_url)}")
+
+    say("2) a change that breaks the health check: deploy fails, rolls back automatically")
+    bad_text = good_text.replace("HEALTHY=true", "HEALTHY=false")
+    run = push_and_deploy(st, repo, app.source_repo, branch, {settings_rel: bad_text},
+                          "fix: tweak health settings (broken)", secret)
+    say(f"deploy ended {run.state_name}: {run.state.message if run.state else ''}")
+    say(f"{env.name} answers: {health(env.health_url)}")
+    # Put the branch back to a healthy state so the next demo run starts clean.
+    commit_to(repo, branch, {settings_rel: good_text}, "revert: restore health settings")
+
+    say("3) drift behind Argo CD's back: self-heal off, live image changed by hand")
+    _inject_drift(env)
+    from flows.drift import drift_check
+
+    state = drift_check(apps=[app.name], return_state=True)
+    say(f"drift check: {state.name}: {state.message}")
+    state = drift_check(apps=[app.name], heal=True, return_state=True)
+    say(f"drift check with heal=True: {state.name}: {state.message}")
+    _restore_self_heal(env)
+    time.sleep(3)
+    state = drift_check(apps=[app.name], return_state=True)
+    say(f"drift check after healing: {state.name}: {state.message}")
+
+    from delivery import history
+
+    print()
+    print(history.render(history.read_history(app.name, limit=10)))
+    print()
+    say(f"Prefect UI: {st.prefect_ui_url}  (runs, logs, artifacts). Stop everything with: delivery down")
+    return 0
+
+
+def _apis() -> tuple[Any, Any]:
+    from kubernetes import client
+
+    from tasks.kube import api_client
+
+    api = api_client()
+    return client.CustomObjectsApi(api), client.AppsV1Api(api)
+
+
+def _inject_drift(env: Any) -> None:
+    crd, apps = _apis()
+    crd.patch_namespaced_custom_object("argoproj.io", "v1alpha1", env.argocd_namespace, "applications",
+                                       env.application, {"spec": {"syncPolicy": {"automated": {"selfHeal": False}}}})
+    dep = apps.read_namespaced_deployment(env.deployment, env.namespace)
+    image = dep.spec.template.spec.containers[0].image
+    repo_part, _, _ = image.rpartition(":")
+    bad = f"{repo_part}:hotfix-by-hand"
+    apps.patch_namespaced_deployment(env.deployment, env.namespace, {"spec": {"template": {"spec": {
+        "containers": [{"name": dep.spec.template.spec.containers[0].name, "image": bad}]}}}})
+    say(f"  patched Deployment {env.namespace}/{env.deployment} image {image} → {bad}")
+
+
+def _restore_self_heal(env: Any) -> None:
+    crd, _ = _apis()
+    crd.patch_namespaced_custom_object("argoproj.io", "v1alpha1", env.argocd_namespace, "applications",
+                                       env.application, {"spec": {"syncPolicy": {"automated": {"selfHeal": True}}}})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
