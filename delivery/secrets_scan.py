@@ -22,6 +22,7 @@ cannot hide a real secret where it would be deployed.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,7 +73,10 @@ _URL_PASSWORD = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@'\"]+:(?P<pw>[^/\s
 # `key: value` (YAML, also `"key": value` JSON on its own line), optionally a list item.
 _YAML_PAIR = re.compile(r"""^\s*(?:-\s+)?(?P<q>["']?)(?P<key>[A-Za-z0-9_][\w.\-/]*)(?P=q)\s*:(?:\s+(?P<value>.*))?$""")
 # `"key": "value"` anywhere (JSON on one line, Python dicts).
-_QUOTED_PAIR = re.compile(r"""(?P<q>["'])(?P<key>[A-Za-z0-9_][\w.\-]*)(?P=q)\s*:\s*(?P<value>"[^"\n]*"|'[^'\n]*')""")
+# The value is a lookahead so that pairs nested in a quoted value are seen too.
+_QUOTED_PAIR = re.compile(
+    r"""(?P<q>["'])(?P<key>[A-Za-z0-9_][\w.\-]*)(?P=q)\s*:\s*(?=(?P<value>"[^"\n]*"|'[^'\n]*'))"""
+)
 # `key=value`; the key must be glued to `=` so that `a == b` and prose do not match. The value is a
 # lookahead so that `--from-literal=name=value` yields both `from-literal` and `name`.
 _ENV_PAIR = re.compile(
@@ -91,6 +95,7 @@ _PLACEHOLDER = re.compile(
       | \{[^{}]*\}                    # f-string / format field
       | %\([^)]*\)s                   # %(name)s
       | [*xX.•…-]{3,}                 # ***, xxxx, ...
+      | .*(?:\.\.\.|…)               # an elided example: abc123...
       | (?i:redacted|placeholder|none|null|nil|undefined|true|false|yes|no|on|off|required|optional)
       | (?i:your[-_].*)               # your-postgres-password
       | [A-Z][A-Z0-9_]*               # an environment variable name
@@ -163,7 +168,8 @@ def _yaml_value(raw: str | None, next_lines: list[str]) -> str | None:
 
 
 def _allowed(path: str) -> bool:
-    parts = PurePosixPath(path.replace("\\", "/")).parts
+    # Normalised first, so that `tests/../helm/values.yaml` is not "under tests/".
+    parts = PurePosixPath(posixpath.normpath(path.replace("\\", "/"))).parts
     return bool(parts) and parts[0] in _ALLOW_MARKER_DIRS
 
 
