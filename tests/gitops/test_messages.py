@@ -1,0 +1,110 @@
+"""Commit messages with trailers, and finding the pipeline's own commits again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.gitops import (
+    bump_image_tag,
+    checkout,
+    checkout_commit,
+    commit_and_push,
+    commit_message,
+    commit_trailers,
+    deployed_source_commit,
+    find_pipeline_commit,
+    is_newer,
+    is_pipeline_commit,
+    open_repo,
+)
+from tests.gitops.conftest import AUTHOR, run_git
+
+
+def test_bump_message_round_trip() -> None:
+    """A bump message has the expected subject, a readable body and trailers that mark it as ours."""
+    msg = commit_message("bump", "1.4.0", app="workout-api", environment="prod", source_sha="a" * 40,
+                         digest="sha256:" + "b" * 64, flow_run_id="run-123",
+                         flow_run_url="http://127.0.0.1:4200/runs/flow-run/run-123")
+    subject, _, body = msg.partition("\n\n")
+    assert subject == "chore(helm): update image tag to 1.4.0"
+    assert "workout-api" in body and "prod" in body and "a" * 40 in body and "sha256:" + "b" * 64 in body
+    assert "http://127.0.0.1:4200/runs/flow-run/run-123" in body
+    assert is_pipeline_commit(msg)
+    trailers = dict(commit_trailers(msg))
+    assert trailers["Delivery-Pipeline"] == "values-bump"
+    assert trailers["Delivery-App"] == "workout-api"
+    assert trailers["Delivery-Environment"] == "prod"
+    assert trailers["Delivery-Tag"] == "1.4.0"
+    assert trailers["Delivery-Source-Commit"] == "a" * 40
+
+
+def test_rollback_message_names_replaced_tag_and_reason() -> None:
+    """A rollback message says which tag it replaces and why, and is marked as a rollback."""
+    msg = commit_message("rollback", "1.3.0", app="workout-api", environment="dev", replaces="1.4.0",
+                         reason="health check failed:\n\nversion 1.4.0 answered 500")
+    assert msg.startswith("chore(helm): roll back image tag to 1.3.0\n")
+    assert "1.4.0" in msg and "health check failed: version 1.4.0 answered 500" in msg
+    assert dict(commit_trailers(msg))["Delivery-Pipeline"] == "rollback"
+    assert is_pipeline_commit(msg)
+
+
+def test_human_commits_are_not_pipeline_commits() -> None:
+    """A commit that only mentions the trailer in its body, or has other trailers, is not ours."""
+    assert not is_pipeline_commit("Fix typo")
+    assert not is_pipeline_commit("Delivery-Pipeline: values-bump")
+    assert not is_pipeline_commit(
+        "Explain the pipeline\n\nOur commits carry Delivery-Pipeline: values-bump as a trailer.\n\n"
+        "Signed-off-by: Dev <dev@example.test>\n"
+    )
+    assert not is_pipeline_commit(
+        "Docs\n\nDelivery-Pipeline: values-bump\nis what the bot writes, see docs.\n"
+    )
+    assert is_pipeline_commit("x\r\n\r\nSigned-off-by: a <a@b>\r\ndelivery-pipeline: rollback\r\n")
+
+
+def test_find_pipeline_commit_finds_the_bump(remote: Path, clone_dir) -> None:
+    """The bump commit for an environment and tag is found again; other tags and envs are not matched."""
+    repo = checkout(str(remote), "main", clone_dir("a"))
+    tree = Path(repo.working_tree_dir)
+    bump_image_tag(tree / "envs/dev/values.yaml", "1.1.0")
+    pushed = commit_and_push(repo, ["envs/dev/values.yaml"],
+                             commit_message("bump", "1.1.0", app="workout-api", environment="dev"), author=AUTHOR)
+    (tree / "README.md").write_text("later human commit\n")
+    run_git(tree, "commit", "-qam", "Docs\n\nDelivery-Tag: 1.1.0")
+    run_git(tree, "push", "-q", "origin", "main")
+    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0") == pushed.sha
+    assert find_pipeline_commit(repo, environment="prod", tag="1.1.0") is None
+    assert find_pipeline_commit(repo, environment="dev", tag="1.2.0") is None
+    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0", kind="rollback") is None
+    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0", since=1) is None
+
+
+def test_deployed_source_commit_reads_the_newest_pipeline_commit(remote: Path, clone_dir) -> None:
+    """The source commit behind the environment's current tag comes from the newest pipeline commit for it."""
+    repo = checkout(str(remote), "main", clone_dir("a"))
+    assert deployed_source_commit(repo, environment="dev") is None
+    for tag, src in (("1.0.0", "a" * 40), ("1.1.0", "b" * 40)):
+        bump_image_tag(Path(repo.working_tree_dir) / "envs/dev/values.yaml", tag)
+        msg = commit_message("bump", tag, app="workout-api", environment="dev", source_sha=src)
+        commit_and_push(repo, ["envs/dev/values.yaml"], msg, author=AUTHOR)
+    bump_image_tag(Path(repo.working_tree_dir) / "envs/prod/values.yaml", "1.1.0")
+    msg = commit_message("bump", "1.1.0", app="workout-api", environment="prod", source_sha="c" * 40)
+    commit_and_push(repo, ["envs/prod/values.yaml"], msg, author=AUTHOR)
+    assert deployed_source_commit(repo, environment="dev") == "b" * 40
+    assert deployed_source_commit(repo, environment="prod") == "c" * 40
+
+
+def test_is_newer_follows_the_commit_graph(remote: Path, clone_dir, tmp_path: Path) -> None:
+    """A later commit of the same line is newer; an older one, the same one or an unknown one is not."""
+    first = run_git(remote, "rev-parse", "main").strip()
+    other = tmp_path / "other"
+    run_git(tmp_path, "clone", "-q", str(remote), str(other))
+    (other / "README.md").write_text("second\n")
+    run_git(other, "commit", "-qam", "Second")
+    run_git(other, "push", "-q", "origin", "main")
+    second = run_git(remote, "rev-parse", "main").strip()
+    src = open_repo(checkout_commit(str(remote), first, clone_dir("src")))
+    assert is_newer(src, first, second)
+    assert not is_newer(src, second, first)
+    assert not is_newer(src, first, first)
+    assert not is_newer(src, first, "e" * 40)
