@@ -13,6 +13,8 @@ _fallback = logging.getLogger("delivery")
 
 class _Redacting(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        # Keep the run logger's `extra` (flow/task run ids and names): Prefect's handlers format with them.
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return redact(str(msg)), kwargs
 
 

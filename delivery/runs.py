@@ -77,3 +77,17 @@ async def _other_deploy_runs(app: str, environment: str, exclude_id: str | None)
 def active_deploy_runs(app: str, environment: str, exclude_id: str | None = None) -> list[OtherRun]:
     """Deploy runs of the same app and environment that are queued or running, except ours."""
     return run_coro_as_sync(_other_deploy_runs(app, environment, exclude_id))
+
+
+async def _add_tags(flow_run_id: str, new: list[str]) -> None:
+    from uuid import UUID
+
+    async with get_client() as client:
+        run = await client.read_flow_run(UUID(flow_run_id))
+        await client.update_flow_run(UUID(flow_run_id), tags=sorted(set(run.tags or []) | set(new)))
+
+
+def tag_flow_run(flow_run_id: str | None, tags: list[str]) -> None:
+    """Add tags to a running flow run (a run started by hand or by `serve` has none of ours)."""
+    if flow_run_id:
+        run_coro_as_sync(_add_tags(flow_run_id, tags))

@@ -21,7 +21,7 @@ from delivery.config import App, Environment, load_config
 from delivery.errors import DeliveryError, DeploySuperseded, RollbackError
 from delivery.log import get_logger
 from delivery.report import Report
-from delivery.runs import active_deploy_runs, ensure_lock
+from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
 from tasks import argocd, gitops, images, probes
 
@@ -89,6 +89,10 @@ def deploy(
                     source_sha=source_sha, health_url=env.health_url, flow_run_id=str(runtime.flow_run.id or ""),
                     received_at=received_at or "")
     values_path = a.values_path(environment)
+    ref_name = source_ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+    tag_flow_run(runtime.flow_run.id, [f"app:{app}", f"env:{environment}", f"ref:{ref_name}"])
+    log.info("deploying %s@%s to %s as %s (delivery %s)", source_ref, source_sha[:12], environment, tag,
+             delivery_id or "none")
 
     try:
         with report.stage("checkout"):
@@ -131,9 +135,10 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     values_file = gitops_dir / values_path
     report.previous_tag = gitops.read_image_tag(values_file)
 
+    creds = images.registry_credentials(get_settings())
     # A re-run after a crash finds the image already pushed: same tag, same source commit.
     with report.stage("build"):
-        if images.image_exists(a.image, tag):
+        if images.image_exists(a.image, tag, credentials=creds):
             report.stages[-1].outcome = "skipped"
             report.stages[-1].detail = "image already in the registry"
             built = None
@@ -144,10 +149,10 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
             )
     with report.stage("push"):
         if built is None:
-            report.digest = images.manifest_digest(a.image, tag) or ""
+            report.digest = images.manifest_digest(a.image, tag, credentials=creds) or ""
             report.stages[-1].outcome = "skipped"
         else:
-            report.digest = images.push_image_task(a.image, tags, credentials=images.registry_credentials()).digest
+            report.digest = images.push_image_task(a.image, tags, credentials=creds).digest
 
     with report.stage("bump-commit-push"):
         bump = gitops.bump_image_tag_task(values_file, tag)

@@ -19,6 +19,7 @@ from delivery.config import App, Config, Environment, load_config
 from delivery.errors import DeliveryError
 from delivery.log import get_logger
 from delivery.secrets_scan import scan_tree
+from delivery.settings import get_settings
 from flows.deploy import work_dir
 from tasks import argocd, gitops, images, probes
 
@@ -84,6 +85,7 @@ def _secret_findings(checkout: Path, app: App) -> list[str]:
 def collect_drift(cfg: Config, names: list[str], *, heal: bool = False) -> list[DriftRow]:
     """Read Git, the cluster, Argo CD and the registry for each app/environment and assess it."""
     rows: list[DriftRow] = []
+    creds = images.registry_credentials(get_settings())
     checkouts: dict[tuple[str, str], tuple[Any, Path]] = {}
     for name in names:
         app = cfg.app(name)
@@ -103,7 +105,7 @@ def collect_drift(cfg: Config, names: list[str], *, heal: bool = False) -> list[
                     app, env, git_tag=tag, git_head=head,
                     deployment=probes.read_deployment(env.deployment, env.namespace),
                     application=argocd.read_application(env.application, namespace=env.argocd_namespace),
-                    image_present=images.image_exists(app.image, tag), secret_findings=secrets,
+                    image_present=images.image_exists(app.image, tag, credentials=creds), secret_findings=secrets,
                 )
             except DeliveryError as e:
                 row = DriftRow(app.name, env.name, result="degraded", details=[f"check failed: {e}"])

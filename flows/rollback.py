@@ -15,6 +15,7 @@ from delivery.errors import DeliveryError, RollbackError
 from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import ensure_lock
+from delivery.settings import get_settings
 from flows.deploy import _commit_author, _publish, _verify, work_dir
 from tasks import gitops, images
 
@@ -69,7 +70,7 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
         report.tag = target
         # Refuse before touching Git: Argo CD would sync a tag whose image cannot be pulled.
         with report.stage("image-check"):
-            if not images.image_exists(a.image, target):
+            if not images.image_exists(a.image, target, credentials=images.registry_credentials(get_settings())):
                 raise RollbackError(f"image {a.image}:{target} is not in the registry; nothing was changed")
         with report.stage("bump-commit-push"):
             gitops.bump_image_tag_task(gitops_dir / values_path, target)

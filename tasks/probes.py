@@ -1,0 +1,301 @@
+"""Verification after Argo CD says "synced and healthy": the Deployment rollout, judged the way
+`kubectl rollout status` judges it, and the app's own health endpoint answering the version we
+deployed several times in a row (one lucky answer from an old pod behind a Service proves nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from delivery.errors import HealthCheckFailed, RolloutFailed
+from delivery.log import get_logger
+from delivery.redact import redact
+from delivery.waits import Verdict, follow
+from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, watch_object
+
+# ---------------------------------------------------------------------------------------------
+# Deployment rollout
+
+
+def rollout_verdict(deployment: dict[str, Any]) -> Verdict:
+    """Has the Deployment finished rolling out? Pure; messages mirror `kubectl rollout status`.
+
+    Stricter than kubectl in one way: ready replicas must also reach the desired count.
+    """
+    meta = deployment.get("metadata") or {}
+    name = meta.get("name", "?")
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    generation = meta.get("generation") or 0
+    observed = status.get("observedGeneration") or 0
+    if observed < generation:
+        return Verdict.wait("Waiting for deployment spec update to be observed...")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            message = cond.get("message") or ""
+            return Verdict.failed(f'deployment "{name}" exceeded its progress deadline' + (f": {message}"
+                                                                                           if message else ""))
+    desired = spec.get("replicas")
+    desired = 1 if desired is None else desired
+    replicas = status.get("replicas") or 0
+    updated = status.get("updatedReplicas") or 0
+    ready = status.get("readyReplicas") or 0
+    available = status.get("availableReplicas") or 0
+    prefix = f'Waiting for deployment "{name}" rollout to finish: '
+    if updated < desired:
+        return Verdict.wait(f"{prefix}{updated} out of {desired} new replicas have been updated...")
+    if replicas > updated:
+        return Verdict.wait(f"{prefix}{replicas - updated} old replicas are pending termination...")
+    if available < updated:
+        return Verdict.wait(f"{prefix}{available} of {updated} updated replicas are available...")
+    if ready < desired:
+        return Verdict.wait(f"{prefix}{ready} of {desired} updated replicas are ready...")
+    return Verdict.done(f'deployment "{name}" successfully rolled out')
+
+
+def _rollout_summary(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec = deployment.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    status = deployment.get("status") or {}
+    return {
+        "name": (deployment.get("metadata") or {}).get("name", ""),
+        "replicas": spec.get("replicas", 1),
+        "image": containers[0].get("image", "") if containers else "",
+        "images": [c.get("image", "") for c in containers],
+        "generation": (deployment.get("metadata") or {}).get("generation"),
+        "observed_generation": status.get("observedGeneration"),
+        "ready_replicas": status.get("readyReplicas", 0),
+    }
+
+
+def read_deployment(deployment: str, namespace: str, *,
+                    kubeconfig: Path | str | None = None) -> dict[str, Any] | None:
+    """The Deployment as the API serves it, or None when it does not exist."""
+    apps = client.AppsV1Api(api_client(kubeconfig))
+    try:
+        resp = apps.read_namespaced_deployment(deployment, namespace, _preload_content=False,
+                                               _request_timeout=(5, 30))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise RolloutFailed(redact(f"deployment {namespace}/{deployment}: {api_error_text(e)}"),
+                            transient=is_transient(e)) from e
+    except STREAM_ERRORS as e:
+        raise RolloutFailed(redact(f"deployment {namespace}/{deployment}: {api_error_text(e)}"),
+                            transient=True) from e
+    return json.loads(resp.data)
+
+
+def wait_for_rollout(deployment: str, namespace: str, *, timeout: float, kubeconfig: Path | str | None = None,
+                     tick: float = 1.5) -> dict[str, Any]:
+    """Watch the Deployment until its rollout is complete; return replicas, image and generation."""
+    log = get_logger()
+    where = f"deployment {namespace}/{deployment}"
+    deadline = time.monotonic() + timeout
+    apps = client.AppsV1Api(api_client(kubeconfig))
+    states = watch_object(apps.list_namespaced_deployment, deployment, deadline=deadline, tick=tick,
+                          namespace=namespace)
+
+    def judge(obj: dict[str, Any] | None) -> Verdict:
+        return Verdict.wait(f"{where} not found") if obj is None else rollout_verdict(obj)
+
+    def on_change(obj: dict[str, Any] | None, verdict: Verdict, elapsed: float) -> None:
+        log.info(f"{where} ({elapsed:.1f} s): {verdict.reason}")
+
+    try:
+        outcome = follow(states, judge, change_key=lambda obj: judge(obj).reason, on_change=on_change)
+    except (ApiException, *STREAM_ERRORS) as e:
+        raise RolloutFailed(redact(f"{where}: {api_error_text(e)}"), transient=is_transient(e)) from e
+    if outcome.verdict.state == "done" and outcome.state is not None:
+        return _rollout_summary(outcome.state)
+    if outcome.verdict.state == "failed":
+        raise RolloutFailed(redact(f"{where}: {outcome.verdict.reason}"), transient=False)
+    if outcome.state is None:
+        raise RolloutFailed(f"{where} was not found during the whole {timeout:.0f} s wait", transient=False)
+    raise RolloutFailed(redact(f"{where} did not finish rolling out within {timeout:.0f} s; "
+                               f"last status: {outcome.verdict.reason}"), transient=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP health probe
+
+KUBE_PROXY_SCHEME = "kube-proxy://"
+
+
+@dataclass
+class HealthAnswer:
+    url: str
+    status_code: int
+    version: str
+    body: dict[str, Any] = field(default_factory=dict)
+    successes: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: str
+    headers: dict[str, str]
+    verify: Any = True
+    cert: Any = None
+
+
+def _proxy_path(namespace: str, service: str, port: int | str, path: str) -> str:
+    path = path if path.startswith("/") else f"/{path}"
+    return (f"/api/v1/namespaces/{quote(namespace, safe='')}/services/"
+            f"{quote(service, safe='')}:{quote(str(port), safe='')}/proxy{path}")
+
+
+def _proxy_target(namespace: str, service: str, port: int | str, path: str,
+                  kubeconfig: Path | str | None) -> _Target:
+    cfg = api_client(kubeconfig).configuration
+    if getattr(cfg, "refresh_api_key_hook", None):
+        cfg.refresh_api_key_hook(cfg)
+    headers = {str(a["key"]): str(a["value"]) for a in cfg.auth_settings().values()
+               if a.get("in") == "header" and a.get("value")}
+    if cfg.username and cfg.password and "authorization" not in {k.lower() for k in headers}:
+        headers["Authorization"] = cfg.get_basic_auth_token()
+    verify: Any = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
+    cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
+    return _Target(cfg.host.rstrip("/") + _proxy_path(namespace, service, port, path), headers, verify, cert)
+
+
+def service_proxy_url(namespace: str, service: str, port: int | str, path: str = "/api/health/", *,
+                      kubeconfig: Path | str | None = None) -> tuple[str, dict[str, str]]:
+    """URL and auth headers to reach a Service through the Kubernetes API server's service proxy.
+
+    For apps with no public URL. TLS settings (CA, client certificate) come from the kubeconfig too
+    and are applied by `probe_health` when it is given a `kube-proxy://` URL.
+    """
+    target = _proxy_target(namespace, service, port, path, kubeconfig)
+    return target.url, target.headers
+
+
+def parse_kube_proxy_url(url: str) -> tuple[str, str, str, str]:
+    """`kube-proxy://<namespace>/<service>:<port>/path` -> (namespace, service, port, path)."""
+    rest = url.removeprefix(KUBE_PROXY_SCHEME)
+    namespace, _, remainder = rest.partition("/")
+    service_port, slash, path = remainder.partition("/")
+    service, _, port = service_port.partition(":")
+    if not namespace or not service or not port:
+        raise HealthCheckFailed(f"bad service proxy URL {url!r}: expected "
+                                "kube-proxy://<namespace>/<service>:<port>/path", transient=False)
+    return namespace, service, port, f"/{path}" if slash else "/"
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def probe_health(
+    url: str,
+    *,
+    expect_version: str,
+    successes: int = 3,
+    interval: float = 0.5,
+    timeout: float = 60,
+    request_timeout: float = 3,
+    headers: dict[str, str] | None = None,
+    kubeconfig: Path | str | None = None,
+) -> HealthAnswer:
+    """GET `url` until it answers 200 with JSON `version == expect_version` `successes` times in a row.
+
+    Anything else (another version, a 5xx, a refused connection) resets the count and is logged once
+    per distinct answer; after `timeout` seconds HealthCheckFailed says what the last answer was.
+    """
+    log = get_logger()
+    if url.startswith(KUBE_PROXY_SCHEME):
+        ns, svc, port, path = parse_kube_proxy_url(url)
+        target = _proxy_target(ns, svc, port, path, kubeconfig)
+    else:
+        target = _Target(url, {})
+    shown_url = redact(url)
+    started = time.monotonic()
+    deadline = started + timeout
+    streak = 0
+    last_answer = "no answer yet"
+    logged: set[str] = set()
+    with httpx.Client(headers={**target.headers, **(headers or {}), "Accept": "application/json"},
+                      verify=target.verify, cert=target.cert, timeout=request_timeout,
+                      follow_redirects=True) as http:
+        while True:
+            answer_text: str
+            ok = False
+            code = 0
+            body: dict[str, Any] = {}
+            version = ""
+            try:
+                resp = http.get(target.url)
+                code = resp.status_code
+                raw = resp.text
+                try:
+                    parsed = json.loads(raw)
+                    body = parsed if isinstance(parsed, dict) else {"value": parsed}
+                except ValueError:
+                    body = {}
+                version = str(body.get("version", "")) if body else ""
+                ok = code == 200 and bool(body) and version == expect_version
+                if ok:
+                    answer_text = f"HTTP 200 version {version!r}"
+                elif code == 200 and body:
+                    answer_text = f"HTTP 200 version {version or 'missing'!r}: {_shorten(raw)}"
+                else:
+                    answer_text = f"HTTP {code}: {_shorten(raw) or '(empty body)'}"
+            except httpx.HTTPError as e:
+                answer_text = f"{type(e).__name__}: {_shorten(str(e)) or 'no detail'}"
+            answer_text = redact(answer_text)
+            elapsed = time.monotonic() - started
+            if ok:
+                streak += 1
+                if streak >= successes:
+                    log.info(f"{shown_url} answered version {expect_version!r} {streak} times in a row "
+                             f"({elapsed:.1f} s)")
+                    return HealthAnswer(shown_url, code, version, body, streak, elapsed)
+            else:
+                if streak:
+                    log.info(f"{shown_url}: streak of {streak} broken")
+                streak = 0
+                if answer_text not in logged:
+                    logged.add(answer_text)
+                    log.info(f"{shown_url} ({elapsed:.1f} s): {answer_text}; waiting for version {expect_version!r}")
+            last_answer = answer_text
+            if time.monotonic() + interval > deadline:
+                raise HealthCheckFailed(
+                    f"{shown_url} did not answer version {expect_version!r} {successes} times in a row within "
+                    f"{timeout:.0f} s; last answer: {last_answer}", transient=False)
+            time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect tasks
+
+
+@task(name="wait-for-rollout", cache_policy=NO_CACHE)
+def wait_for_rollout_task(deployment: str, namespace: str, timeout: float) -> dict[str, Any]:
+    return wait_for_rollout(deployment, namespace, timeout=timeout)
+
+
+@task(name="probe-health", cache_policy=NO_CACHE)
+def probe_health_task(url: str, expect_version: str, successes: int = 3, interval: float = 0.5,
+                      timeout: float = 60, request_timeout: float = 3) -> HealthAnswer:
+    """No retries: the probe already retries within its timeout; a wrong version is a verdict, not a blip."""
+    return probe_health(url, expect_version=expect_version, successes=successes, interval=interval,
+                        timeout=timeout, request_timeout=request_timeout)
+
+
+__all__ = [
+    "HealthAnswer", "parse_kube_proxy_url", "probe_health", "probe_health_task", "rollout_verdict",
+    "service_proxy_url", "wait_for_rollout", "wait_for_rollout_task",
+]
