@@ -1,0 +1,155 @@
+"""The repo-server part of the emulator: resolve a target revision to a commit SHA with
+`git ls-remote` (as Argo CD does on every refresh) and read the chart's values files at that commit
+from a bare cache clone per repository."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import subprocess
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from delivery.redact import redact
+from sandbox.argocd.model import ComparisonError, deep_merge
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+_GIT_TIMEOUT = 60
+
+
+class GitSource:
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _git(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=_GIT_TIMEOUT, env=env,
+                                  check=False)
+        except subprocess.TimeoutExpired as e:
+            raise ComparisonError(f"git {args[0]} timed out after {_GIT_TIMEOUT} s") from e
+
+    def _repo(self, url: str) -> tuple[Path, threading.Lock]:
+        key = hashlib.sha256(url.encode()).hexdigest()[:16]
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        path = self.cache_dir / key
+        with lock:
+            if not (path / "HEAD").exists():
+                path.mkdir(parents=True, exist_ok=True)
+                r = self._git("init", "--quiet", "--bare", str(path))
+                if r.returncode:
+                    raise ComparisonError(f"git init failed: {r.stderr.decode(errors='replace').strip()}")
+        return path, lock
+
+    def _fail(self, what: str, url: str, r: subprocess.CompletedProcess[bytes]) -> ComparisonError:
+        err = redact(r.stderr.decode(errors="replace").strip())
+        return ComparisonError(f"{what} {redact(url)}: {err}")
+
+    def ls_remote(self, url: str) -> dict[str, str]:
+        r = self._git("ls-remote", "--", url)
+        if r.returncode:
+            raise self._fail("failed to list refs of", url, r)
+        refs: dict[str, str] = {}
+        for line in r.stdout.decode().splitlines():
+            sha, _, ref = line.partition("\t")
+            refs[ref] = sha
+        return refs
+
+    def resolve(self, url: str, target: str | None) -> str:
+        """A branch, tag, `HEAD` or SHA to the full commit SHA it names now."""
+        target = (target or "HEAD").strip()
+        if _SHA.fullmatch(target):
+            self.ensure(url, target)
+            return target
+        refs = self.ls_remote(url)
+        for ref in (target, f"refs/heads/{target}", f"refs/tags/{target}"):
+            # Annotated tags: the peeled entry names the commit.
+            if f"{ref}^{{}}" in refs:
+                return refs[f"{ref}^{{}}"]
+            if ref in refs and (ref == "HEAD" or ref.startswith("refs/")):
+                return refs[ref]
+        if re.fullmatch(r"[0-9a-f]{7,39}", target):
+            path, lock = self._repo(url)
+            with lock:
+                self._fetch(url, path)
+                r = self._git("rev-parse", "--verify", "--quiet", f"{target}^{{commit}}", cwd=path)
+            if r.returncode == 0:
+                return r.stdout.decode().strip()
+        raise ComparisonError(f"unable to resolve '{target}' to a commit SHA")
+
+    def _fetch(self, url: str, path: Path) -> None:
+        r = self._git("fetch", "--quiet", "--force", "--", url,
+                      "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", cwd=path)
+        if r.returncode:
+            raise self._fail("failed to fetch", url, r)
+
+    def ensure(self, url: str, sha: str, *, hard: bool = False) -> Path:
+        """The cache clone of `url` holding commit `sha` (fetched when missing, or always if `hard`)."""
+        path, lock = self._repo(url)
+        with lock:
+            present = self._git("cat-file", "-e", f"{sha}^{{commit}}", cwd=path).returncode == 0
+            if hard or not present:
+                self._fetch(url, path)
+                if self._git("cat-file", "-e", f"{sha}^{{commit}}", cwd=path).returncode:
+                    raise ComparisonError(f"revision {sha} not found in {redact(url)}")
+        return path
+
+    def read(self, url: str, sha: str, path: str) -> bytes | None:
+        repo = self.ensure(url, sha)
+        r = self._git("cat-file", "blob", f"{sha}:{path}", cwd=repo)
+        if r.returncode:
+            return None
+        return r.stdout
+
+
+def value_files(source: Mapping[str, Any]) -> list[str]:
+    """Helm always starts from the chart's values.yaml; valueFiles come on top, in order."""
+    files = ["values.yaml"]
+    for f in ((source.get("helm") or {}).get("valueFiles") or []):
+        if f not in files:
+            files.append(str(f))
+    return files
+
+
+def load_values(git: GitSource, source: Mapping[str, Any], sha: str, *, hard: bool = False) -> dict[str, Any]:
+    """The merged Helm values of `source` at commit `sha`, or a `ComparisonError` worded like
+    Argo CD's manifest-generation failures."""
+    url = str(source.get("repoURL") or "")
+    if not url:
+        raise ComparisonError("spec.source.repoURL is empty")
+    if hard:
+        git.ensure(url, sha, hard=True)
+    chart = str(source.get("path") or ".")
+    yaml = YAML(typ="safe", pure=True)
+    merged: dict[str, Any] = {}
+    for name in value_files(source):
+        rel = posixpath.normpath(posixpath.join(chart, name))
+        raw = git.read(url, sha, rel)
+        if raw is None:
+            raise ComparisonError(
+                "Failed to load target state: failed to generate manifest for source 1 of 1: "
+                f"rpc error: code = Unknown desc = Manifest generation error: `helm template` failed: "
+                f"Error: open {rel}: no such file or directory")
+        try:
+            doc = yaml.load(raw.decode("utf-8", errors="replace"))
+        except YAMLError as e:
+            raise ComparisonError(
+                "Failed to load target state: failed to generate manifest for source 1 of 1: "
+                f"rpc error: code = Unknown desc = Manifest generation error: failed to parse {rel}: "
+                f"{' '.join(str(e).split())}") from e
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, Mapping):
+            raise ComparisonError(f"Failed to load target state: {rel}: values must be a YAML mapping")
+        merged = deep_merge(merged, doc)
+    return merged

@@ -1,0 +1,381 @@
+"""Pure parts of the Argo CD emulator: what the chart asks for, how Argo CD and Kubernetes judge it,
+and the status documents they write. No I/O here, so the rules can be tested on their own.
+
+Shapes follow Argo CD's `ApplicationStatus` (sync, health, operationState, history, reconciledAt,
+conditions, resources, summary) and Kubernetes' `DeploymentStatus`. Health rules are Argo CD's own
+Deployment health check (gitops-engine), which borrows from `kubectl rollout status`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+REFRESH_ANNOTATION = "argocd.argoproj.io/refresh"
+RESOURCES_FINALIZER = "resources-finalizer.argocd.argoproj.io"
+HISTORY_LIMIT = 10
+DEFAULT_PORT = 8000
+DEFAULT_READINESS_PATH = "/api/health/"
+DEFAULT_PROGRESS_DEADLINE = 600
+SYNC_OK_MESSAGE = "successfully synced (all tasks run)"
+
+
+class ComparisonError(Exception):
+    """The target state cannot be computed (Git, a values file, or a key the chart needs)."""
+
+
+def now_iso(t: datetime | None = None) -> str:
+    """Kubernetes `metav1.Time`: RFC 3339, UTC, whole seconds."""
+    return (t or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Helm's values merge: maps merge key by key, anything else in `override` replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the chart renders for the one Deployment we care about."""
+
+    image: str
+    replicas: int
+    container_port: int
+    readiness_path: str
+    progress_deadline: int
+
+
+def _get(values: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def desired_state(values: Mapping[str, Any]) -> Desired:
+    """The Deployment the chart would render from merged values; a missing image key is an error,
+    as Helm would fail (or render an unpullable `:`) on it."""
+    repo = _get(values, "image.repository")
+    tag = _get(values, "image.tag")
+    missing = [k for k, v in (("image.repository", repo), ("image.tag", tag)) if v in (None, "")]
+    if missing:
+        raise ComparisonError(f"values: required key {', '.join(missing)} is missing or empty")
+    port = _get(values, "containerPort")
+    replicas = _get(values, "replicaCount")
+    path = _get(values, "readinessProbe.httpGet.path")
+    deadline = _get(values, "progressDeadlineSeconds")
+    try:
+        return Desired(
+            image=f"{repo}:{tag}",
+            replicas=int(replicas) if replicas is not None else 1,
+            container_port=int(port) if port is not None else DEFAULT_PORT,
+            readiness_path=str(path) if path else DEFAULT_READINESS_PATH,
+            progress_deadline=int(deadline) if deadline is not None else DEFAULT_PROGRESS_DEADLINE,
+        )
+    except (TypeError, ValueError) as e:
+        raise ComparisonError(f"values: a numeric key has a non-numeric value: {e}") from e
+
+
+def replica_set_name(deployment: str, image: str) -> str:
+    """`<deployment>-<pod-template-hash>`: the hash only needs to change with the template."""
+    return f"{deployment}-{hashlib.sha256(image.encode()).hexdigest()[:10]}"
+
+
+def deployment_manifest(app_name: str, name: str, namespace: str, d: Desired, *, release: str) -> dict[str, Any]:
+    """The apps/v1 Deployment as the chart renders it (the fields the pipeline reads)."""
+    selector = {"app.kubernetes.io/name": release, "app.kubernetes.io/instance": release}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            # Argo CD's label tracking: the instance label carries the Application name.
+            "labels": {"app.kubernetes.io/instance": app_name, "app.kubernetes.io/name": release,
+                       "app.kubernetes.io/managed-by": "Helm"},
+        },
+        "spec": {
+            "replicas": d.replicas,
+            "progressDeadlineSeconds": d.progress_deadline,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": dict(selector)},
+                "spec": {
+                    "containers": [{
+                        "name": release,
+                        "image": d.image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "ports": [{"name": "http", "containerPort": d.container_port, "protocol": "TCP"}],
+                        "readinessProbe": {"httpGet": {"path": d.readiness_path, "port": d.container_port}},
+                    }],
+                },
+            },
+        },
+    }
+
+
+@dataclass(frozen=True)
+class LiveSpec:
+    """What the Deployment controller reads from a live Deployment's spec."""
+
+    image: str
+    replicas: int
+    container_port: int
+    readiness_path: str
+    progress_deadline: int
+    generation: int
+
+
+def live_spec(deployment: Mapping[str, Any]) -> LiveSpec | None:
+    spec = deployment.get("spec") or {}
+    containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
+    if not containers or not containers[0].get("image"):
+        return None
+    c = containers[0]
+    ports = c.get("ports") or []
+    probe = ((c.get("readinessProbe") or {}).get("httpGet") or {})
+    return LiveSpec(
+        image=c["image"],
+        replicas=int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1),
+        container_port=int(ports[0].get("containerPort", DEFAULT_PORT)) if ports else DEFAULT_PORT,
+        readiness_path=probe.get("path") or DEFAULT_READINESS_PATH,
+        progress_deadline=int(spec.get("progressDeadlineSeconds") or DEFAULT_PROGRESS_DEADLINE),
+        generation=int((deployment.get("metadata") or {}).get("generation") or 1),
+    )
+
+
+def compare(desired: Desired, live: Mapping[str, Any] | None, *, ignore_replicas: bool = False) -> str:
+    """Argo CD's sync status for our one resource: `Synced` or `OutOfSync`."""
+    if live is None:
+        return "OutOfSync"
+    spec = live_spec(live)
+    if spec is None or spec.image != desired.image:
+        return "OutOfSync"
+    if not ignore_replicas and spec.replicas != desired.replicas:
+        return "OutOfSync"
+    return "Synced"
+
+
+def ignores_replicas(app: Mapping[str, Any]) -> bool:
+    for rule in (app.get("spec") or {}).get("ignoreDifferences") or []:
+        if rule.get("kind") == "Deployment" and "/spec/replicas" in (rule.get("jsonPointers") or []):
+            return True
+    return False
+
+
+# --- Kubernetes Deployment status -------------------------------------------------------------
+
+# Phases of the one emulated rollout, as the Deployment controller would see its ReplicaSets.
+STEADY = "steady"          # the current ReplicaSet is fully available
+ROLLING = "rolling"        # a new ReplicaSet's pods are starting
+FAILED = "failed"          # the new ReplicaSet made no progress (crash, pull error, deadline)
+UNAVAILABLE = "unavailable"  # the current pods are not ready (e.g. restarting)
+
+
+def _condition(ctype: str, status: str, reason: str, message: str, previous: list[dict[str, Any]],
+               ts: str) -> dict[str, Any]:
+    prev = next((c for c in previous if c.get("type") == ctype), None)
+    unchanged = prev is not None and prev.get("status") == status
+    same = unchanged and prev.get("reason") == reason and prev.get("message") == message
+    return {
+        "type": ctype,
+        "status": status,
+        "lastUpdateTime": prev.get("lastUpdateTime", ts) if same else ts,
+        "lastTransitionTime": prev.get("lastTransitionTime", ts) if unchanged else ts,
+        "reason": reason,
+        "message": message,
+    }
+
+
+def deployment_status(*, phase: str, replicas: int, observed_generation: int, new_rs: str,
+                      old_ready: bool, previous: Mapping[str, Any] | None = None,
+                      ts: str | None = None) -> dict[str, Any]:
+    """`DeploymentStatus` for a rollout of `replicas` pods with maxSurge 1 / maxUnavailable 0."""
+    ts = ts or now_iso()
+    prev_conds = list((previous or {}).get("conditions") or [])
+    n = replicas
+    if phase == STEADY:
+        counts = dict(replicas=n, updatedReplicas=n, readyReplicas=n, availableReplicas=n)
+        progressing = ("True", "NewReplicaSetAvailable", f'ReplicaSet "{new_rs}" has successfully progressed.')
+    elif phase == UNAVAILABLE:
+        counts = dict(replicas=n, updatedReplicas=n, readyReplicas=0, availableReplicas=0, unavailableReplicas=n)
+        progressing = ("True", "NewReplicaSetAvailable", f'ReplicaSet "{new_rs}" has successfully progressed.')
+    else:
+        if old_ready:
+            # One surge pod of the new ReplicaSet next to the N old, still-serving ones.
+            counts = dict(replicas=n + 1, updatedReplicas=1, readyReplicas=n, availableReplicas=n,
+                          unavailableReplicas=1)
+        else:
+            counts = dict(replicas=n, updatedReplicas=n, readyReplicas=0, availableReplicas=0, unavailableReplicas=n)
+        if phase == FAILED:
+            progressing = ("False", "ProgressDeadlineExceeded", f'ReplicaSet "{new_rs}" has timed out progressing.')
+        else:
+            progressing = ("True", "ReplicaSetUpdated", f'ReplicaSet "{new_rs}" is progressing.')
+    if counts["availableReplicas"] >= n and n > 0:
+        available = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+    else:
+        available = ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+    # Kubernetes omits zero counts (omitempty).
+    status: dict[str, Any] = {"observedGeneration": observed_generation}
+    status.update({k: v for k, v in counts.items() if v})
+    status["conditions"] = [
+        _condition("Available", *available, prev_conds, ts),
+        _condition("Progressing", *progressing, prev_conds, ts),
+    ]
+    return status
+
+
+# --- Argo CD health ---------------------------------------------------------------------------
+
+
+def deployment_health(deployment: Mapping[str, Any] | None) -> dict[str, str]:
+    """Argo CD's health check for apps/v1 Deployment (gitops-engine `getAppsv1DeploymentHealth`)."""
+    if deployment is None:
+        return {"status": "Missing"}
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    name = (deployment.get("metadata") or {}).get("name", "")
+    if spec.get("paused"):
+        return {"status": "Suspended", "message": "Deployment is paused"}
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    if generation > int(status.get("observedGeneration") or 0):
+        return {"status": "Progressing",
+                "message": "Waiting for rollout to finish: observed deployment generation less than desired generation"}
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), None)
+    replicas = spec.get("replicas")
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    if cond is not None and cond.get("reason") == "ProgressDeadlineExceeded":
+        return {"status": "Degraded", "message": f'Deployment "{name}" exceeded its progress deadline'}
+    if replicas is not None and updated < int(replicas):
+        msg = f"Waiting for rollout to finish: {updated} out of {replicas} new replicas have been updated..."
+        return {"status": "Progressing", "message": msg}
+    if total > updated:
+        return {"status": "Progressing",
+                "message": f"Waiting for rollout to finish: {total - updated} old replicas are pending termination..."}
+    if available < updated:
+        return {"status": "Progressing",
+                "message": f"Waiting for rollout to finish: {available} of {updated} updated replicas are available..."}
+    return {"status": "Healthy"}
+
+
+def app_health(deployment: Mapping[str, Any] | None, pod_problem: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Application's health: its one Deployment's, with the failing pod's reason in the message
+    when there is one (what `argocd app get` shows in the resource tree)."""
+    health = deployment_health(deployment)
+    if health["status"] == "Degraded" and pod_problem:
+        return {"status": "Degraded", "message": f"{pod_problem['reason']}: {pod_problem['message']}"}
+    return health
+
+
+# --- Argo CD Application status ---------------------------------------------------------------
+
+
+def source_of(app: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy((app.get("spec") or {}).get("source") or {})
+
+
+def destination_of(app: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy((app.get("spec") or {}).get("destination") or {})
+
+
+def sync_status(app: Mapping[str, Any], status: str, revision: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": status,
+                           "comparedTo": {"source": source_of(app), "destination": destination_of(app)}}
+    if revision:
+        out["revision"] = revision
+    return out
+
+
+def comparison_conditions(previous: list[dict[str, Any]] | None, error: str | None,
+                          ts: str | None = None) -> list[dict[str, Any]]:
+    """Keep other conditions; set or clear our `ComparisonError` (timestamp kept while unchanged)."""
+    others = [c for c in previous or [] if c.get("type") != "ComparisonError"]
+    if not error:
+        return others
+    prev = next((c for c in previous or [] if c.get("type") == "ComparisonError"), None)
+    if prev is not None and prev.get("message") == error:
+        return others + [prev]
+    return others + [{"type": "ComparisonError", "message": error, "lastTransitionTime": ts or now_iso()}]
+
+
+def resource_entry(namespace: str, name: str, sync: str, health: Mapping[str, str] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"group": "apps", "version": "v1", "kind": "Deployment",
+                             "namespace": namespace, "name": name, "status": sync}
+    if health is not None:
+        entry["health"] = dict(health)
+    return entry
+
+
+def operation_running(operation: Mapping[str, Any], started: str) -> dict[str, Any]:
+    return {"operation": copy.deepcopy(dict(operation)), "phase": "Running",
+            "message": "one or more tasks are running", "startedAt": started}
+
+
+def operation_finished(running: Mapping[str, Any], *, ok: bool, message: str, revision: str,
+                       source: Mapping[str, Any], resources: list[dict[str, Any]], finished: str) -> dict[str, Any]:
+    out = copy.deepcopy(dict(running))
+    out.update({
+        "phase": "Succeeded" if ok else "Failed",
+        "message": message,
+        "finishedAt": finished,
+        "syncResult": {"revision": revision, "source": copy.deepcopy(dict(source)), "resources": resources},
+    })
+    return out
+
+
+def append_history(history: list[dict[str, Any]] | None, *, revision: str, source: Mapping[str, Any],
+                   started: str, deployed: str, initiated_by: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Argo CD keeps the last `revisionHistoryLimit` (10) entries with ever-increasing ids."""
+    history = list(history or [])
+    next_id = max((int(h.get("id", 0)) for h in history), default=-1) + 1
+    entry: dict[str, Any] = {"id": next_id, "revision": revision, "deployStartedAt": started,
+                             "deployedAt": deployed, "source": copy.deepcopy(dict(source))}
+    if initiated_by:
+        entry["initiatedBy"] = dict(initiated_by)
+    return (history + [entry])[-HISTORY_LIMIT:]
+
+
+def already_attempted(app: Mapping[str, Any], revision: str) -> tuple[bool, str | None]:
+    """Argo CD's `alreadyAttemptedSync`: was the last operation a sync to this revision?"""
+    state = (app.get("status") or {}).get("operationState") or {}
+    result = state.get("syncResult") or {}
+    if not state or result.get("revision") != revision:
+        return False, None
+    return True, state.get("phase")
+
+
+def automated(app: Mapping[str, Any]) -> dict[str, Any] | None:
+    policy = (app.get("spec") or {}).get("syncPolicy") or {}
+    auto = policy.get("automated")
+    if auto is None or auto is False:
+        return None
+    if isinstance(auto, Mapping) and auto.get("enabled") is False:
+        return None
+    return dict(auto) if isinstance(auto, Mapping) else {}
+
+
+def merge_patch_for(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: keys that disappear become null,
+    so a stale `message` or `finishedAt` does not survive a merge."""
+    if not isinstance(new, Mapping) or not isinstance(old, Mapping):
+        return copy.deepcopy(new)
+    out: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        out[k] = merge_patch_for(old[k], v) if k in old else copy.deepcopy(v)
+    return out
