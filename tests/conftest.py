@@ -8,6 +8,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.fixtures_sandbox"]
+
 
 @pytest.fixture(scope="session")
 def prefect_api():

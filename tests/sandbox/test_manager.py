@@ -1,0 +1,162 @@
+"""The sandbox manager: `up` brings the parts up once, records them, seeds the repositories, the image
+and the Applications; `down` stops exactly what it started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import docker
+import pytest
+from kubernetes import client, config
+from ruamel.yaml import YAML
+
+from delivery.config import load_config
+from sandbox.manager import ENVIRONMENTS, IMAGE_REPOSITORY, Sandbox, SandboxState, cli
+from tasks.images import image_exists
+from tests.fixtures_sandbox import SANDBOX_PROGRESS_DEADLINE, free_port_block
+
+pytestmark = [pytest.mark.docker, pytest.mark.sandbox]
+
+
+def same_sandbox(state: SandboxState) -> Sandbox:
+    return Sandbox(state.root, prefect=False, progress_deadline=SANDBOX_PROGRESS_DEADLINE,
+                   app_port_base=min(state.ports.values()) - 1)
+
+
+def git_show(repo: Path, spec: str) -> str:
+    return subprocess.run(["git", "show", spec], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def our_containers(root: Path) -> list[str]:
+    d = docker.from_env()
+    try:
+        return [c.name for c in d.containers.list(all=True, filters={"label": f"delivery.sandbox/root={root}"})]
+    finally:
+        d.close()
+
+
+def test_up_again_is_harmless(sandbox: SandboxState) -> None:
+    """A second `up` reuses the running parts: same processes, same addresses, same initial tag."""
+    again = same_sandbox(sandbox).up()
+    assert again.pids == sandbox.pids
+    assert {"kube", "argocd"} <= set(again.pids)
+    assert again.kube_url == sandbox.kube_url and again.initial_tag == sandbox.initial_tag
+
+
+def test_status_reports_every_part_healthy(sandbox: SandboxState) -> None:
+    """`status` lists each part with its address and finds the core parts answering."""
+    rows = {r.name: r for r in same_sandbox(sandbox).status()}
+    for name in ("dockerd", "registry", "git", "kube", "argocd"):
+        assert rows[name].healthy, rows[name]
+    assert rows["kube"].address == sandbox.kube_url and rows["kube"].pid == sandbox.pids["kube"]
+    assert "prefect" not in rows
+
+
+def test_cli_status_reads_the_sandbox_from_the_settings(sandbox: SandboxState,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`delivery sandbox status` finds the sandbox through DELIVERY_SANDBOX_DIR and exits 0."""
+    assert os.environ["DELIVERY_SANDBOX_DIR"] == str(sandbox.root)
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    assert sandbox.kube_url in out and "answering" in out
+
+
+def test_gitops_repo_is_seeded_for_the_sandbox(sandbox: SandboxState) -> None:
+    """The GitOps remote holds the chart pointed at the sandbox registry and pinned to the initial tag."""
+    yaml = YAML(typ="safe")
+    values = yaml.load(git_show(sandbox.gitops_remote, "main:helm/workout-api/values.yaml"))
+    assert values["image"]["repository"] == IMAGE_REPOSITORY == f"{sandbox.registry}/workout-api"
+    assert values["progressDeadlineSeconds"] == SANDBOX_PROGRESS_DEADLINE
+    for env in ENVIRONMENTS:
+        text = git_show(sandbox.gitops_remote, f"main:helm/workout-api/values-{env.name}.yaml")
+        assert yaml.load(text)["image"]["tag"] == sandbox.initial_tag
+        assert f'tag: "{sandbox.initial_tag}"' in text, "the tag line keeps its quoting"
+    assert "kind: Kustomization" in git_show(sandbox.gitops_remote, "main:argocd/overlays/dev/kustomization.yaml")
+
+
+def test_source_repo_has_main_and_release_dev_at_the_initial_commit(sandbox: SandboxState) -> None:
+    """The sample app's remote has `main` and `release-dev` at one commit, which names the initial tag."""
+    heads = subprocess.run(["git", "for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads"],
+                           cwd=sandbox.source_remote, capture_output=True, text=True, check=True).stdout.split("\n")
+    refs = dict(line.split() for line in heads if line)
+    assert set(refs) == {"main", "release-dev"} and refs["main"] == refs["release-dev"]
+    assert sandbox.initial_tag == f"main-{refs['main'][:7]}"
+    assert "Dockerfile" in git_show(sandbox.source_remote, "main:").split()
+
+
+def test_initial_image_is_in_the_registry(sandbox: SandboxState) -> None:
+    """The initial image was built and pushed, so Argo CD can deploy the seeded tag."""
+    assert image_exists(IMAGE_REPOSITORY, sandbox.initial_tag)
+
+
+def test_applications_point_at_the_sandbox_remote(sandbox: SandboxState) -> None:
+    """dev, staging and prod Applications exist with their repoURL rewritten to the local GitOps remote."""
+    with config.new_client_from_config(config_file=str(sandbox.kubeconfig)) as api:
+        apps = client.CustomObjectsApi(api).list_namespaced_custom_object(
+            "argoproj.io", "v1alpha1", "argocd", "applications")["items"]
+        namespaces = {n.metadata.name for n in client.CoreV1Api(api).list_namespace().items}
+    by_name = {a["metadata"]["name"]: a for a in apps}
+    for env in ENVIRONMENTS:
+        app = by_name[env.application]
+        assert app["spec"]["source"]["repoURL"] == str(sandbox.gitops_remote)
+        assert app["spec"]["destination"]["namespace"] == env.namespace
+        assert f"values-{env.name}.yaml" in app["spec"]["source"]["helm"]["valueFiles"]
+        assert env.namespace in namespaces
+    assert "argocd" in namespaces
+
+
+def test_config_file_describes_the_sandbox(sandbox: SandboxState) -> None:
+    """delivery.yaml loads and routes refs to the environments on the sandbox's ports and remotes."""
+    app = load_config(sandbox.config_file).app("workout-api")
+    assert app.source_repo == str(sandbox.source_remote) and app.gitops_repo == str(sandbox.gitops_remote)
+    assert app.image == IMAGE_REPOSITORY and app.chart_path == "helm/workout-api"
+    assert [e.name for e in app.environments_for_ref("refs/heads/release-dev")] == ["dev"]
+    assert [e.name for e in app.environments_for_ref("refs/heads/main")] == ["staging"]
+    assert [e.name for e in app.environments_for_ref("refs/tags/v1.2.3")] == ["prod"]
+    dev = app.environment("dev")
+    assert dev.health_url == f"http://127.0.0.1:{sandbox.ports['workout-api-dev']}/api/health/"
+    assert dev.namespace == "woodez-database-dev" and dev.deployment == "workout-api"
+    assert app.build_args == {"BASE_IMAGE": "local/busybox:stable"}, "the sandbox has no Docker Hub"
+
+
+def test_down_stops_exactly_what_up_started(sandbox: SandboxState, tmp_path: Path) -> None:
+    """`down` leaves no process or container of its sandbox behind, and leaves other sandboxes alone."""
+    sb = Sandbox(tmp_path / "other", prefect=False, progress_deadline=SANDBOX_PROGRESS_DEADLINE,
+                 app_port_base=free_port_block())
+    try:
+        state = sb.up()
+        # Wait for the Argo CD emulator to run the dev app, so there is a container to clean up.
+        url = f"http://127.0.0.1:{state.ports['workout-api-dev']}/api/health/"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if state.initial_tag.encode() in r.read():
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert our_containers(state.root), "the Argo CD emulator started no container"
+    finally:
+        sb.down()
+
+    assert not any(pid_running(pid) for pid in state.pids.values())
+    assert our_containers(state.root) == []
+    # The session sandbox is untouched.
+    assert all(pid_running(pid) for pid in sandbox.pids.values())
+    assert {r.name: r.healthy for r in same_sandbox(sandbox).status()}["kube"]
+
+    sb.reset()
+    assert not state.root.exists()
