@@ -1,0 +1,1 @@
+"""How flows are started: the local serve process and the GitHub webhook receiver."""

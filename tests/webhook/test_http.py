@@ -1,0 +1,163 @@
+"""The receiver over real HTTP against a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+from deployments.webhook import PrefectStarter, create_app
+from tests.webhook.helpers import (
+    SECRET,
+    ServerThread,
+    body_of,
+    closed_port,
+    make_config,
+    new_delivery_id,
+    payload,
+    signed_headers,
+)
+
+
+def runs_for(api: str, delivery_id: str | None = None) -> list:
+    """Flow runs of the deploy/deploy deployment, optionally only those of one delivery."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deploy"])), limit=200
+        )
+    return [r for r in runs if delivery_id is None or r.parameters.get("delivery_id") == delivery_id]
+
+
+@pytest.fixture
+def receiver(prefect_api: str) -> Iterator[ServerThread]:
+    app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=prefect_api))
+    with ServerThread(app) as server:
+        yield server
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/webhooks/github", content=body, headers=headers, timeout=timeout)
+
+
+def test_matching_push_creates_one_run_with_parameters(receiver: ServerThread, prefect_api: str) -> None:
+    """A push to main answers 202 queued and creates exactly one Scheduled staging run with our parameters."""
+    delivery = new_delivery_id()
+    body = body_of("push_branch.json")
+    r = post(receiver.url, body, signed_headers(body, delivery=delivery))
+    assert r.status_code == 202, r.text
+    data = r.json()
+    assert data["status"] == "queued"
+    assert len(data["runs"]) == 1
+    run_info = data["runs"][0]
+    assert (run_info["app"], run_info["environment"]) == ("workout-api", "staging")
+    assert run_info["url"].endswith(f"/runs/flow-run/{run_info['flow_run_id']}")
+
+    runs = runs_for(prefect_api, delivery)
+    assert len(runs) == 1
+    run = runs[0]
+    assert str(run.id) == run_info["flow_run_id"]
+    assert run.state is not None and run.state.is_scheduled()
+    assert set(run.tags) >= {"app:workout-api", "env:staging"}
+    assert run.idempotency_key == f"{delivery}:workout-api:staging"
+    params = run.parameters
+    assert params["app"] == "workout-api" and params["environment"] == "staging"
+    assert params["source_ref"] == "refs/heads/main"
+    assert params["source_sha"] == payload("push_branch.json")["after"]
+    assert params["delivery_id"] == delivery and params["received_at"]
+
+
+def test_redelivery_returns_the_same_run(receiver: ServerThread, prefect_api: str) -> None:
+    """The same delivery posted twice (GitHub's redeliver) starts one run and returns its id both times."""
+    delivery = new_delivery_id()
+    body = body_of("push_tag.json")
+    first = post(receiver.url, body, signed_headers(body, delivery=delivery)).json()
+    second = post(receiver.url, body, signed_headers(body, delivery=delivery)).json()
+    assert first["status"] == second["status"] == "queued"
+    assert first["runs"][0]["flow_run_id"] == second["runs"][0]["flow_run_id"]
+    runs = runs_for(prefect_api, delivery)
+    assert [str(r.id) for r in runs] == [first["runs"][0]["flow_run_id"]]
+    assert runs[0].parameters["environment"] == "prod"
+
+
+def test_pipeline_bump_push_creates_no_run(receiver: ServerThread, prefect_api: str) -> None:
+    """A push of the pipeline's own bump commit is acknowledged as ignored and starts nothing."""
+    delivery = new_delivery_id()
+    body = body_of("push_pipeline_bump.json")
+    r = post(receiver.url, body, signed_headers(body, delivery=delivery))
+    assert r.status_code == 202 and r.json()["status"] == "ignored"
+    assert runs_for(prefect_api, delivery) == []
+
+
+def test_ping_over_http(receiver: ServerThread) -> None:
+    """GitHub's ping gets 200 pong with the zen line."""
+    body = body_of("ping.json")
+    r = post(receiver.url, body, signed_headers(body, event="ping"))
+    assert r.status_code == 200
+    assert r.json()["status"] == "pong" and r.json()["zen"] == "Keep it logically awesome."
+
+
+def test_answers_never_echo_secret_or_signature(receiver: ServerThread) -> None:
+    """Neither a refusal nor an acceptance carries the secret or the signature sent."""
+    body = body_of("push_branch.json")
+    good = signed_headers(body)
+    bad = dict(good, **{"X-Hub-Signature-256": "sha256=" + "ab" * 32})
+    for headers in (good, bad):
+        text = post(receiver.url, body, headers).text
+        assert SECRET not in text and headers["X-Hub-Signature-256"].split("=")[1] not in text
+
+
+def test_healthz_reports_prefect_reachable(receiver: ServerThread) -> None:
+    """/healthz says ok and that the Prefect API answers."""
+    r = httpx.get(f"{receiver.url}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "prefect_api": "reachable"}
+
+
+def test_prefect_down_is_503_within_bound(prefect_api: str) -> None:
+    """With the Prefect API unreachable the delivery fails visibly with 503 so GitHub can redeliver."""
+    api = f"http://127.0.0.1:{closed_port()}/api"
+    app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=api), start_timeout=3)
+    with ServerThread(app) as server:
+        body = body_of("push_branch.json")
+        started = time.monotonic()
+        r = post(server.url, body, signed_headers(body))
+        elapsed = time.monotonic() - started
+        assert r.status_code == 503, r.text
+        assert r.json()["status"] == "unavailable"
+        assert elapsed < 30  # bounded (3 s here), far from hanging until GitHub's own timeout
+        health = httpx.get(f"{server.url}/healthz", timeout=30).json()
+        assert health == {"status": "ok", "prefect_api": "unreachable"}
+
+
+def test_prefect_slow_is_503_within_bound() -> None:
+    """A Prefect API that accepts connections but never answers also gives 503 after the bound."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # never accepted: connects succeed, reads hang
+    try:
+        api = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+        app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=api),
+                         start_timeout=2, health_timeout=1)
+        with ServerThread(app) as server:
+            body = body_of("push_new_branch.json")
+            r = post(server.url, body, signed_headers(body))
+            assert r.status_code == 503
+            assert r.json() == {"status": "unavailable", "reason": "Prefect API did not answer within 2 s"}
+            assert httpx.get(f"{server.url}/healthz", timeout=30).json()["prefect_api"] == "unreachable"
+    finally:
+        listener.close()
+
+
+def test_missing_deployment_is_503(prefect_api: str) -> None:
+    """If the deploy deployment is not registered, the delivery fails with 503 naming it."""
+    app = create_app(secret=SECRET, config_loader=make_config,
+                     starter=PrefectStarter(api_url=prefect_api, deployment_name="deploy/not-registered"))
+    with ServerThread(app) as server:
+        body = body_of("push_branch.json")
+        r = post(server.url, body, signed_headers(body))
+        assert r.status_code == 503 and "deploy/not-registered" in json.dumps(r.json())
