@@ -47,8 +47,13 @@ class DriftRow:
 
 
 def assess(app: App, env: Environment, *, git_tag: str, git_head: str, deployment: dict | None,
-           application: dict | None, image_present: bool, secret_findings: list[str]) -> DriftRow:
-    """Pure: the drift verdict for one app/environment from what was read."""
+           application: dict | None, image_present: bool, secret_findings: list[str],
+           synced_tag: str | None = None) -> DriftRow:
+    """Pure: the drift verdict for one app/environment from what was read.
+
+    `synced_tag` is this environment's tag at the revision Argo CD last synced. Argo CD polls Git, so
+    its synced revision lags the head after every commit for *another* environment; that lag is only
+    drift when this environment's tag differs between the two revisions."""
     row = DriftRow(app.name, env.name, git_tag=git_tag, git_head=git_head)
     desired = f"{app.image}:{git_tag}"
     for f in secret_findings:
@@ -71,9 +76,21 @@ def assess(app: App, env: Environment, *, git_tag: str, git_head: str, deploymen
             row.flag("degraded", f"Argo CD health {st.health_status}: {st.health_message or ''}".strip())
         if st.sync_status != "Synced":
             row.flag("out-of-sync", f"Argo CD sync status {st.sync_status or 'unknown'}")
-        elif git_head and st.sync_revision and st.sync_revision != git_head:
-            row.flag("out-of-sync", f"Argo CD synced {st.sync_revision[:12]}, Git head is {git_head[:12]}")
+        elif git_head and st.sync_revision and st.sync_revision != git_head and synced_tag != git_tag:
+            row.flag("out-of-sync", f"Argo CD synced {st.sync_revision[:12]} (tag {synced_tag or 'unknown'}), "
+                                    f"Git head {git_head[:12]} has tag {git_tag}")
     return row
+
+
+def _tag_at(repo: Any, application: dict | None, values_path: str, head: str) -> str | None:
+    """The environment's tag at the revision Argo CD synced, or None when unknown."""
+    revision = ((((application or {}).get("status") or {}).get("sync") or {}).get("revision")) or ""
+    if not revision or revision == head:
+        return None
+    try:
+        return gitops.read_image_tag_at(repo, revision, values_path)
+    except DeliveryError:
+        return None
 
 
 def _secret_findings(checkout: Path, app: App) -> list[str]:
@@ -101,11 +118,13 @@ def collect_drift(cfg: Config, names: list[str], *, heal: bool = False) -> list[
         for env in app.environments.values():
             try:
                 tag = gitops.read_image_tag(d / app.values_path(env.name))
+                application = argocd.read_application(env.application, namespace=env.argocd_namespace)
                 row = assess(
                     app, env, git_tag=tag, git_head=head,
                     deployment=probes.read_deployment(env.deployment, env.namespace),
-                    application=argocd.read_application(env.application, namespace=env.argocd_namespace),
+                    application=application,
                     image_present=images.image_exists(app.image, tag, credentials=creds), secret_findings=secrets,
+                    synced_tag=_tag_at(repo, application, app.values_path(env.name), head),
                 )
             except DeliveryError as e:
                 row = DriftRow(app.name, env.name, result="degraded", details=[f"check failed: {e}"])
