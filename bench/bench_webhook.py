@@ -4,6 +4,9 @@ Starts the receiver (uvicorn, its own process, 127.0.0.1) and sends signed pushe
 (default 50/s) over real HTTP, with every fifth delivery badly signed. Prints p50/p99 latency for
 valid and rejected deliveries and writes bench/results/webhook.json.
 
+With `--stack`, against the running stack instead (bench/run_all.py uses this): rejected pushes
+against the stack's receiver itself, valid ones against a twin of it (see `run_stack`).
+
 Scenarios:
 - `recording`: the receiver's starter only records requests (the receiver's own cost);
 - `prefect`: the real PrefectStarter creating flow runs, when a Prefect API is given
@@ -85,30 +88,35 @@ def _serve(port: int, api_url: str | None, deployment: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def _push_body() -> bytes:
+def _push_body(ref: str = "refs/heads/main", repo_url: str | None = None) -> bytes:
     sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    repository = {
+        "name": "workout-api",
+        "full_name": "your-org/workout-api",
+        "clone_url": "https://github.com/your-org/workout-api.git",
+        "ssh_url": "git@github.com:your-org/workout-api.git",
+        "html_url": "https://github.com/your-org/workout-api",
+    }
+    if repo_url:
+        repository = {"name": "workout-api", "full_name": "sandbox/workout-api", "clone_url": repo_url,
+                      "ssh_url": repo_url, "html_url": repo_url}
     return json.dumps(
         {
-            "ref": "refs/heads/main",
+            "ref": ref,
             "before": "0" * 40,
             "after": sha,
             "created": False,
             "deleted": False,
             "commits": [{"id": sha, "message": "Speed up workout list"}],
             "head_commit": {"id": sha, "message": "Speed up workout list"},
-            "repository": {
-                "name": "workout-api",
-                "full_name": "your-org/workout-api",
-                "clone_url": "https://github.com/your-org/workout-api.git",
-                "ssh_url": "git@github.com:your-org/workout-api.git",
-                "html_url": "https://github.com/your-org/workout-api",
-            },
+            "repository": repository,
             "pusher": {"name": "bench"},
         }
     ).encode()
 
 
-async def _drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
+async def _drive(url: str, rate: float, seconds: float, *, secret: str = SECRET, every_rejected: int = 5,
+                 body: Any = _push_body) -> dict[str, Any]:
     import httpx
 
     from deployments.webhook import signature_for
@@ -117,18 +125,18 @@ async def _drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
     statuses: dict[str, Counter[int]] = {"valid": Counter(), "rejected": Counter()}
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = _push_body()
-        kind = "rejected" if i % 5 == 4 else "valid"
-        secret = SECRET if kind == "valid" else "wrong-secret"
+        payload = body()
+        kind = "rejected" if every_rejected and i % every_rejected == every_rejected - 1 else "valid"
+        key = secret if kind == "valid" else "wrong-secret"
         headers = {
             "Content-Type": "application/json",
             "X-GitHub-Event": "push",
             "X-GitHub-Delivery": str(uuid.uuid4()),
-            "X-Hub-Signature-256": signature_for(body, secret),
+            "X-Hub-Signature-256": signature_for(payload, key),
         }
         started = time.perf_counter()
         try:
-            r = await client.post(f"{url}/webhooks/github", content=body, headers=headers)
+            r = await client.post(f"{url}/webhooks/github", content=payload, headers=headers)
             statuses[kind][r.status_code] += 1
         except httpx.HTTPError:
             statuses[kind][0] += 1
@@ -201,6 +209,111 @@ def _register_bench_deployment() -> None:
     webhook_bench.to_deployment(name=BENCH_DEPLOYMENT.split("/")[1]).apply()
 
 
+# ------------------------------------------------------------------------------ against the stack
+
+
+def _serve_twin(port: int) -> None:
+    """Child process: the stack's receiver code (`deployments.webhook.serve`, same config, secret and
+    Prefect server) bound to a deployment nobody serves, so valid pushes create real runs that stay
+    Scheduled instead of 400 deploys hitting the machine."""
+    from deployments.webhook import serve
+
+    serve(port=port, deployment_name=BENCH_DEPLOYMENT)
+
+
+def _delete_bench_runs(*, deployment_too: bool = True) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+
+    deleted = 0
+    with get_client(sync_client=True) as c:
+        try:
+            dep = c.read_deployment_by_name(BENCH_DEPLOYMENT)
+        except ObjectNotFound:
+            return 0
+        while True:
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])), limit=200)
+            if not runs:
+                break
+            for r in runs:
+                with contextlib.suppress(ObjectNotFound):
+                    c.delete_flow_run(r.id)
+                    deleted += 1
+        if deployment_too:
+            c.delete_deployment(dep.id)
+    return deleted
+
+
+def run_stack(ctx: Any, rate: float = 50.0, seconds: float = 10.0,
+              sweep: tuple[float, ...] = (10.0, 25.0)) -> dict[str, Any]:
+    """Valid pushes through a twin of the stack's receiver (runs created on the stack's Prefect server,
+    left Scheduled, deleted afterwards); rejected pushes against the stack's running receiver itself.
+    `sweep` adds shorter runs at lower rates to show where run creation stops keeping up."""
+    import subprocess
+
+    import httpx
+
+    repo_url = ctx.app.source_repo
+    branch = ctx.env("dev").branches[0]
+
+    def body() -> bytes:
+        return _push_body(f"refs/heads/{branch}", repo_url)
+
+    print(f"[stack receiver] {rate:g} badly signed deliveries/s for {seconds / 2:g} s against {ctx.stack.webhook_url}",
+          flush=True)
+    rejected = asyncio.run(_drive(ctx.stack.webhook_url, rate, seconds / 2, secret="wrong-secret", every_rejected=1,
+                                  body=body))
+
+    _register_bench_deployment()
+    port = _free_port()
+    env = {**os.environ, "DELIVERY_WEBHOOK_SECRET": ctx.secret, "PYTHONPATH": str(ROOT),
+           "DELIVERY_CONFIG_FILE": os.environ["DELIVERY_CONFIG_FILE"]}
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                             f"import bench_webhook; bench_webhook._serve_twin({port})"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    levels: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the twin receiver did not start")
+            time.sleep(0.2)
+        for r, secs in [*((x, max(3.0, seconds / 2)) for x in sweep), (rate, seconds)]:
+            print(f"[twin receiver] {r:g} deliveries/s (1 in 5 badly signed) for {secs:g} s against {url} -> "
+                  f"{BENCH_DEPLOYMENT} on the stack's Prefect server", flush=True)
+            res = asyncio.run(_drive(url, r, secs, secret=ctx.secret, body=body))
+            res["rate_per_s"] = r
+            levels.append(res)
+            _delete_bench_runs(deployment_too=False)  # between levels: a growing run table is not measured
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    t0 = time.monotonic()
+    deleted = _delete_bench_runs()
+    print(f"deleted the bench deployment and its Scheduled runs in {time.monotonic() - t0:.1f} s", flush=True)
+    main_level = levels[-1]
+    out = {"rate_per_s": rate, "valid": main_level["valid"], "rejected_twin": main_level["rejected"],
+           "rejected_stack": rejected["rejected"], "deleted_runs_last": deleted,
+           "sweep": [{"rate_per_s": lv["rate_per_s"], "valid": lv["valid"], "rejected": lv["rejected"]}
+                     for lv in levels]}
+    for lv in levels:
+        s = lv["valid"]
+        print(f"valid @ {lv['rate_per_s']:>4g}/s {s['count']:>5}  p50 {s['p50_ms']:8.2f} ms  "
+              f"p99 {s['p99_ms']:8.2f} ms  "
+              f"max {s['max_ms']:8.2f} ms  {s['statuses']}", flush=True)
+    for name in ("rejected_twin", "rejected_stack"):
+        s = out[name]
+        print(f"{name:<15} {s['count']:>5}  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  "
+              f"max {s['max_ms']:7.2f} ms  {s['statuses']}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -208,8 +321,18 @@ def main() -> None:
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"))
     parser.add_argument("--prefect-harness", action="store_true", help="start a temporary Prefect server")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "webhook.json")
+    parser.add_argument("--stack", action="store_true",
+                        help="against the running stack (delivery up): see run_stack")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.stack:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import common
+
+        out = run_stack(common.ensure_stack(), args.rate, args.seconds)
+        out["machine"] = common.machine()
+        print(f"wrote {common.save('webhook_stack', out)}")
+        return
 
     results = [_run_scenario("recording", None, BENCH_DEPLOYMENT, args.rate, args.seconds)]
     with contextlib.ExitStack() as stack:

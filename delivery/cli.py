@@ -17,11 +17,12 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from delivery import stack
+    from delivery.settings import get_settings
 
-    st = stack.up(webhook_port=args.webhook_port)
+    st = stack.up() if args.webhook_port is None else stack.up(webhook_port=args.webhook_port)
     print(f"Prefect UI:       {st.prefect_ui_url}")
     print(f"Webhook receiver: {st.webhook_url}/webhooks/github")
-    print("Logs:             .sandbox/logs/   Stop with: delivery down")
+    print(f"Logs:             {get_settings().sandbox_dir / 'logs'}/   Stop with: delivery down")
     return 0
 
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=_sandbox)
 
     up = sub.add_parser("up", help="start the sandbox, Prefect server, serve process and webhook receiver")
-    up.add_argument("--webhook-port", type=int, default=8080)
+    up.add_argument("--webhook-port", type=int, default=None, help="default 8080, or DELIVERY_WEBHOOK_PORT")
     up.set_defaults(func=_up)
     sub.add_parser("down", help="stop everything `delivery up` started").set_defaults(func=_down)
     sub.add_parser("status", help="what runs and whether it answers").set_defaults(func=_status)

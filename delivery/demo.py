@@ -9,6 +9,10 @@
    asks Argo CD to put Git's version back;
 5. print the run history, the DORA figures and the Prefect UI address. The stack stays up until
    `delivery down`. Re-running works: each run makes new commits.
+
+The exit code is 1 when the story does not go as described, so CI can run the demo as a test. Ports
+and the state directory follow DELIVERY_PREFECT_PORT, DELIVERY_WEBHOOK_PORT, DELIVERY_APP_PORT_BASE
+and DELIVERY_SANDBOX_DIR, so a second stack can run beside a developer's.
 """
 
 from __future__ import annotations
@@ -124,10 +128,19 @@ def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: s
                     message: str, secret: str) -> Any:
     before, after = commit_to(repo, branch, edit, message)
     say(f"pushed {after[:7]} to {branch}: {message!r}")
-    status, answer = deliver(f"{st.webhook_url}/webhooks/github", secret,
-                             push_payload(f"refs/heads/{branch}", before, after, remote,
-                                          [{"id": after, "message": message}]))
-    say(f"webhook answered {status}: {answer.get('status')} {answer.get('reason', '')}")
+    payload = push_payload(f"refs/heads/{branch}", before, after, remote, [{"id": after, "message": message}])
+    delivery_id = str(uuid.uuid4())
+    for attempt in range(1, 6):
+        try:
+            status, answer = deliver(f"{st.webhook_url}/webhooks/github", secret, payload, delivery_id=delivery_id)
+        except OSError as e:
+            status, answer = 0, {"status": "no answer", "reason": str(e)}
+        say(f"webhook answered {status}: {answer.get('status')} {answer.get('reason', '')}")
+        if status not in (0, 502, 503, 504) or attempt == 5:
+            break
+        # What GitHub's "Redeliver" does: the same delivery again; the receiver starts it once.
+        say(f"  redelivering {delivery_id} (attempt {attempt + 1})")
+        time.sleep(2 * attempt)
     if status != 202 or not answer.get("runs"):
         raise SystemExit("the webhook did not queue a deploy")
     return wait_run(answer["runs"][0]["flow_run_id"])
@@ -136,9 +149,13 @@ def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: s
 def main() -> int:
     say("starting the sandbox, Prefect server, serve process and webhook receiver (delivery up)")
     st = stack.up()
-    import os
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    os.environ["PREFECT_API_URL"] = st.prefect_api_url
+    with temporary_settings({PREFECT_API_URL: st.prefect_api_url, PREFECT_UI_URL: st.prefect_ui_url}):
+        return _story(st)
+
+
+def _story(st: stack.StackState) -> int:
     cfg = load_config(get_settings().sandbox_config_file)
     app = cfg.app("workout-api")
     env = app.environment("dev")
@@ -149,18 +166,26 @@ def main() -> int:
     good = (Path(repo.working_tree_dir) / settings_rel).read_text()
     say(f"{app.name}/{env.name} answers now: {health(env.health_url)}")
 
+    # What went differently from the story; the demo exits 1 when this is not empty, so CI can run it.
+    problems: list[str] = []
+
     say("1) a good change: deploy, verified")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     good_text = good.replace("HEALTHY=false", "HEALTHY=true").rstrip("\n") + f"\n# demo release {stamp}\n"
     run = push_and_deploy(st, repo, app.source_repo, branch, {settings_rel: good_text},
                           f"feat: demo release {stamp}", secret)
     say(f"deploy ended {run.state_name}; {env.name} answers: {health(env.health_url)}")
+    if run.state_name != "Completed":
+        problems.append(f"the good deploy ended {run.state_name}")
 
     say("2) a change that breaks the health check: deploy fails, rolls back automatically")
     bad_text = good_text.replace("HEALTHY=true", "HEALTHY=false")
     run = push_and_deploy(st, repo, app.source_repo, branch, {settings_rel: bad_text},
                           "fix: tweak health settings (broken)", secret)
-    say(f"deploy ended {run.state_name}: {run.state.message if run.state else ''}")
+    message = run.state.message if run.state else ""
+    say(f"deploy ended {run.state_name}: {message}")
+    if run.state_name != "Failed" or "rolled back" not in (message or ""):
+        problems.append(f"the broken deploy ended {run.state_name} without a rollback")
     say(f"{env.name} answers: {health(env.health_url)}")
     # Put the branch back to a healthy state so the next demo run starts clean.
     commit_to(repo, branch, {settings_rel: good_text}, "revert: restore health settings")
@@ -171,12 +196,16 @@ def main() -> int:
 
     state = drift_check(apps=[app.name], return_state=True)
     say(f"drift check: {state.name}: {state.message}")
+    if not state.is_failed():
+        problems.append("the drift check did not find the hand-made change")
     state = drift_check(apps=[app.name], heal=True, return_state=True)
     say(f"drift check with heal=True: {state.name}: {state.message}")
     _restore_self_heal(env)
-    time.sleep(3)
+    _wait_in_sync(cfg, app.name, env.name)
     state = drift_check(apps=[app.name], return_state=True)
     say(f"drift check after healing: {state.name}: {state.message}")
+    if not state.is_completed():
+        problems.append("drift remained after healing")
 
     from delivery import history
 
@@ -184,7 +213,21 @@ def main() -> int:
     print(history.render(history.read_history(app.name, limit=10)))
     print()
     say(f"Prefect UI: {st.prefect_ui_url}  (runs, logs, artifacts). Stop everything with: delivery down")
+    if problems:
+        say("the demo did not go as described: " + "; ".join(problems))
+        return 1
     return 0
+
+
+def _wait_in_sync(cfg: Any, app: str, environment: str, timeout: float = 90) -> None:
+    """Argo CD puts Git's version back in a few seconds; wait for that rather than guess a sleep."""
+    from flows.drift import collect_drift
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(r.result == "in-sync" for r in collect_drift(cfg, [app]) if r.environment == environment):
+            return
+        time.sleep(1)
 
 
 def _apis() -> tuple[Any, Any]:

@@ -50,10 +50,10 @@ def _lead_time(summary: dict[str, Any]) -> float | None:
     return round(summary["finished_at"] - start, 2) if start else None
 
 
-def row_from(run: Any, summary: dict[str, Any] | None) -> HistoryRow:
+def row_from(run: Any, flow_name: str, summary: dict[str, Any] | None) -> HistoryRow:
     p = run.parameters or {}
     s = summary or {}
-    kind = "rollback" if run.flow_name == "rollback" else "deploy"
+    kind = "rollback" if flow_name == "rollback" else "deploy"
     result = s.get("result") or (run.state_name or "").lower()
     restore = None
     if kind == "deploy" and result == "rolled-back":
@@ -80,15 +80,15 @@ async def _read(app: str | None, environment: str | None, limit: int) -> list[Hi
             p = run.parameters or {}
             if (app and p.get("app") != app) or (environment and p.get("environment") != environment):
                 continue
-            run.flow_name = flows.get(run.flow_id, "")  # type: ignore[attr-defined]
-            if run.flow_name == "rollback" and run.parent_task_run_id:
+            flow_name = flows.get(run.flow_id, "")
+            if flow_name == "rollback" and run.parent_task_run_id:
                 continue  # an automatic rollback shows in its deploy's row
             arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
                 type=ArtifactFilterType(any_=["markdown"])))
             summary = next((parse_summary(a.data) for a in arts if isinstance(a.data, str)
                             and parse_summary(a.data)), None)
-            rows.append(row_from(run, summary))
+            rows.append(row_from(run, flow_name, summary))
             if len(rows) >= limit:
                 break
         return rows

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_secret_block: str | None = None
 
+    # Lease of the per-environment deploy lock: renewed while the run lives, so this is how long a
+    # killed run keeps the environment locked before Prefect's repossessor frees it (the server
+    # refuses leases under 60 s).
+    lock_lease_seconds: float = Field(default=60, ge=60)
+
     # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
     kubeconfig: Path | None = None
 

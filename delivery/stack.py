@@ -110,9 +110,9 @@ def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
     old = read_state()
     env = dict(os.environ)
     if _targets_sandbox():
-        from sandbox.manager import Sandbox
+        from sandbox.manager import SANDBOX_PROGRESS_DEADLINE, Sandbox
 
-        st = Sandbox(s.sandbox_dir, prefect=True).up()
+        st = Sandbox(s.sandbox_dir, prefect=True, progress_deadline=SANDBOX_PROGRESS_DEADLINE).up()
         api = st.prefect_api_url
         env.update(DELIVERY_CONFIG_FILE=str(st.config_file), DELIVERY_KUBECONFIG=str(st.kubeconfig))
     else:
@@ -127,8 +127,10 @@ def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
         DELIVERY_WEBHOOK_SECRET=sandbox_webhook_secret(),
         PYTHONPATH=str(PROJECT_ROOT),
     )
-    state = StackState(prefect_api_url=api, prefect_ui_url=ui, webhook_url=f"http://127.0.0.1:{webhook_port}",
-                       sandbox=_targets_sandbox())
+    webhook_url = f"http://127.0.0.1:{webhook_port}"
+    if old and alive(old.webhook_pid):
+        webhook_url = old.webhook_url  # the running receiver keeps the port it was started on
+    state = StackState(prefect_api_url=api, prefect_ui_url=ui, webhook_url=webhook_url, sandbox=_targets_sandbox())
     state.serve_pid = old.serve_pid if old and alive(old.serve_pid) else _spawn(
         [sys.executable, "-m", "deployments.serve"], env, logs / "serve.log")
     state.webhook_pid = old.webhook_pid if old and alive(old.webhook_pid) else _spawn(
@@ -140,7 +142,25 @@ def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
         if time.monotonic() > deadline or not alive(state.webhook_pid):
             raise SandboxError(f"the webhook receiver did not come up; see {logs / 'webhook.log'}")
         time.sleep(0.3)
+    # serve() registers the deployments a few seconds after it starts; until then a push would be
+    # answered 503, so `up` is not done before they exist.
+    deadline = time.monotonic() + 120
+    while not all(_deployment_exists(api, name) for name in SERVED_DEPLOYMENTS):
+        if time.monotonic() > deadline or not alive(state.serve_pid):
+            raise SandboxError(f"the serve process did not register the deployments; see {logs / 'serve.log'}")
+        time.sleep(0.5)
     return state
+
+
+SERVED_DEPLOYMENTS = ("deploy/deploy", "rollback/rollback", "drift-check/drift-check")
+
+
+def _deployment_exists(api_url: str, name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/deployments/name/{name}", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> int:

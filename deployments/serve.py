@@ -1,8 +1,9 @@
 """The local default way to run the flows: one process serving the three deployments with
 `prefect.serve` (no work pool), the drift check on its schedule.
 
-`prefect.yaml` declares the same three deployments for a `process` work pool; both are built from
-`deployment_specs()` so they cannot drift apart in names, schedules or limits."""
+`prefect.yaml` declares the same three deployments for a `process` work pool; a test compares it
+with `deployment_specs()` (names, entrypoints, descriptions, tags, schedules, limits) so the two
+cannot drift apart."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 from typing import Any
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.schedules import Cron
 
 from flows.deploy import deploy
 from flows.drift import drift_check
@@ -25,7 +28,8 @@ def deployment_specs() -> list[Any]:
         deploy.to_deployment(
             name="deploy",
             description="Build, push, bump values, wait for Argo CD at our commit, verify; roll back on failure.",
-            concurrency_limit=DEPLOY_CONCURRENCY,
+            concurrency_limit=ConcurrencyLimitConfig(limit=DEPLOY_CONCURRENCY,
+                                                     collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             tags=["delivery"],
         ),
         rollback.to_deployment(
@@ -36,7 +40,7 @@ def deployment_specs() -> list[Any]:
         drift_check.to_deployment(
             name="drift-check",
             description="Git vs cluster vs Argo CD, missing images and plaintext secrets in Git.",
-            cron=DRIFT_CRON,
+            schedule=Cron(DRIFT_CRON, timezone="UTC"),
             tags=["delivery"],
         ),
     ]

@@ -8,6 +8,9 @@ its outcome belongs in this run's report and final message."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from prefect.states import Cancelled, Failed
 from delivery.config import App, Environment, load_config
 from delivery.errors import DeliveryError, DeploySuperseded, RollbackError
 from delivery.log import get_logger
-from delivery.report import Report
+from delivery.report import Report, Stage
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
 from tasks import argocd, gitops, images, probes
@@ -94,9 +97,12 @@ def deploy(
     log.info("deploying %s@%s to %s as %s (delivery %s)", source_ref, source_sha[:12], environment, tag,
              delivery_id or "none")
 
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir(app)))
     try:
         with report.stage("checkout"):
-            src_dir = gitops.checkout_commit_task(a.source_repo, source_sha, work_dir(app, "source"))
+            # One clone per run: concurrent deploys of the same app (another environment, a newer
+            # commit) must never build each other's checkout.
+            src_dir = gitops.checkout_commit_task(a.source_repo, source_sha, run_dir / "source")
             src_repo = gitops.open_repo(src_dir)
         # Check before queueing on the lock: in a burst, most runs end here at once.
         newer = _superseded_by(src_repo, a, env, source_ref, source_sha, None)
@@ -104,9 +110,11 @@ def deploy(
             raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
 
         lock = ensure_lock(app, environment)
-        with report.stage("lock"):
-            with concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout):
-                return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
+        waited = time.monotonic()
+        with concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout,
+                         lease_duration=get_settings().lock_lease_seconds):
+            report.stages.append(Stage("lock-wait", round(time.monotonic() - waited, 3)))
+            return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
                                       rollout_timeout, health_timeout)
     except DeploySuperseded as e:
         report.finish("superseded", str(e))
@@ -118,6 +126,8 @@ def deploy(
             report.finish("failed", str(e))
         _publish(report)
         raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], src_dir: Path, src_repo: Any,
@@ -170,7 +180,8 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     try:
         _verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout)
     except DeliveryError as failure:
-        return _roll_back_after(report, a, env, repo, failure)
+        return _roll_back_after(report, a, env, repo, failure, sync_timeout=sync_timeout,
+                                rollout_timeout=rollout_timeout, health_timeout=health_timeout)
 
     with report.stage("record-verified"):
         gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=tag)
@@ -195,7 +206,8 @@ def _verify(report: Report, env: Environment, revision: str, tag: str, sync_time
         report.health_answer = f"{answer.status_code} {answer.body}"
 
 
-def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failure: DeliveryError) -> Any:
+def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failure: DeliveryError, *,
+                     sync_timeout: float, rollout_timeout: float, health_timeout: float) -> Any:
     from flows.rollback import rollback
 
     log = get_logger()
@@ -211,8 +223,11 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
         return Failed(message=msg)
     with report.stage("rollback"):
         try:
+            # The same wait budget the caller gave the deploy: a rollback that cannot be verified
+            # must not keep the run (and the environment's lock) for the rollback's own defaults.
             result = rollback(app=a.name, environment=env.name, to_tag=target,
-                              reason=f"automatic: deploy of {bad} failed: {failure}")
+                              reason=f"automatic: deploy of {bad} failed: {failure}", sync_timeout=sync_timeout,
+                              rollout_timeout=rollout_timeout, health_timeout=health_timeout)
             report.rolled_back_to = target
             report.serving = result.get("serving", target) if isinstance(result, dict) else target
             msg = f"deploy of {bad} to {env.name} failed: {failure}; rolled back, now serving {report.serving}"

@@ -163,6 +163,9 @@ def drift_check(apps: list[str] | None = None, heal: bool = False) -> Any:
     for r in rows:
         log.info("%s/%s: %s", r.app, r.environment, r.result)
     if drifted:
-        listed = ", ".join(f"{r.app}/{r.environment}: {r.result}" for r in drifted)
+        # The details name what differs (a missing Application, the live image): the run's message is
+        # often all a user reads.
+        listed = ", ".join(f"{r.app}/{r.environment}: {r.result}" + (f" ({'; '.join(r.details)})" if r.details else "")
+                           for r in drifted)
         return Failed(message=f"{summary}: {listed}")
     return Completed(message=summary)

@@ -11,13 +11,13 @@ from prefect import flow, runtime
 from prefect.concurrency.sync import concurrency
 
 from delivery.config import load_config
-from delivery.errors import DeliveryError, RollbackError
+from delivery.errors import ArgoCDError, DeliveryError, RollbackError
 from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import ensure_lock
 from delivery.settings import get_settings
 from flows.deploy import _commit_author, _publish, _verify, work_dir
-from tasks import gitops, images
+from tasks import argocd, gitops, images
 
 
 def _run_name() -> str:
@@ -48,7 +48,8 @@ def rollback(
     # Run by hand it takes the environment's deploy lock; run by the deploy flow, its parent holds it.
     if runtime.flow_run.parent_flow_run_id:
         return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
-    with concurrency(ensure_lock(app, environment), occupy=1, strict=True, timeout_seconds=1800):
+    with concurrency(ensure_lock(app, environment), occupy=1, strict=True, timeout_seconds=1800,
+                     lease_duration=get_settings().lock_lease_seconds):
         return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
 
 
@@ -72,6 +73,12 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
         with report.stage("image-check"):
             if not images.image_exists(a.image, target, credentials=images.registry_credentials(get_settings())):
                 raise RollbackError(f"image {a.image}:{target} is not in the registry; nothing was changed")
+        # Likewise an Application that does not exist: nothing would ever sync the rollback commit.
+        with report.stage("argocd-check"):
+            try:
+                argocd.get_application(env.application, namespace=env.argocd_namespace)
+            except ArgoCDError as e:
+                raise RollbackError(f"{e.message}; nothing was changed") from e
         with report.stage("bump-commit-push"):
             gitops.bump_image_tag_task(gitops_dir / values_path, target)
             message = gitops.commit_message(

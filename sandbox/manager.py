@@ -11,7 +11,7 @@
 - the Kubernetes API emulator (sandbox/kube.py) with the Argo CD Applications of dev, staging and
   prod, and `<root>/kubeconfig`;
 - the Argo CD emulator (sandbox/argocd), which runs the apps as containers on fixed host ports;
-- a Prefect server on 127.0.0.1:4200 (optional);
+- a Prefect server on 127.0.0.1:4200 (optional; `DELIVERY_PREFECT_PORT` moves it);
 - `<root>/delivery.yaml`, the delivery config for all of the above.
 
 `down` stops what `up` started and only that, by recorded process id (never by name), and removes the
@@ -46,7 +46,9 @@ from sandbox.kube import write_kubeconfig
 APP = "workout-api"
 IMAGE_REPOSITORY = f"{engine.REGISTRY_ADDR}/{APP}"
 CHART_PATH = "helm/workout-api"
-PREFECT_PORT = 4200
+# Overridable so that a second stack (CI, a demo beside a developer's) can run on other ports.
+PREFECT_PORT = int(os.environ.get("DELIVERY_PREFECT_PORT", "4200"))
+APP_PORT_BASE = int(os.environ.get("DELIVERY_APP_PORT_BASE", "18080"))
 LABEL = "delivery.sandbox"
 KUBECTL = PROJECT_ROOT / ".tools" / "bin" / "kubectl"
 
@@ -212,6 +214,19 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def prefect_server_env(home: Path) -> dict[str, str]:
+    """The environment of the Prefect server the sandbox starts (tests start one the same way)."""
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # Leases of concurrency slots (the deploy lock) live in memory by default: a server restart
+        # then forgets them while the slot stays taken in the database, and the lock is held forever.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+    }
+
+
 # ---------------------------------------------------------------- git
 
 
@@ -279,9 +294,11 @@ def _set_tag(values: Path, tag: str) -> None:
 
 class Sandbox:
     def __init__(self, root: Path | None = None, *, reconcile_interval: float = 180,
-                 progress_deadline: float | None = None, prefect: bool = True, app_port_base: int = 18080,
-                 kube_port: int | None = None) -> None:
+                 progress_deadline: float | None = None, prefect: bool = True, app_port_base: int = APP_PORT_BASE,
+                 kube_port: int | None = None, kube_args: list[str] | None = None) -> None:
         self.root = Path(root if root is not None else get_settings().sandbox_dir).resolve()
+        # Extra arguments for `python -m sandbox.kube`, e.g. ["--drop-watch-after", "1"] for fault tests.
+        self.kube_args = list(kube_args or [])
         self.reconcile_interval = reconcile_interval
         self.progress_deadline = progress_deadline
         self.prefect = prefect
@@ -414,7 +431,7 @@ class Sandbox:
         port_file = self.root / "kube.port"
         port_file.unlink(missing_ok=True)
         new = _spawn("kube", [sys.executable, "-m", "sandbox.kube", "--host", "127.0.0.1", "--port", str(port),
-                              "--port-file", str(port_file)], self.logs / "kube.log")
+                              "--port-file", str(port_file), *self.kube_args], self.logs / "kube.log")
         url = f"http://127.0.0.1:{port}"
         new.update(address=url, port=port)
         parts["kube"] = new
@@ -438,13 +455,7 @@ class Sandbox:
         exe = Path(sys.executable).with_name("prefect")
         argv = [str(exe) if exe.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
                 "--port", str(PREFECT_PORT)]
-        env = {
-            "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-        }
-        new = _spawn("prefect", argv, self.logs / "prefect.log", env=env)
+        new = _spawn("prefect", argv, self.logs / "prefect.log", env=prefect_server_env(home))
         new["address"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
         parts["prefect"] = new
         return new
@@ -691,9 +702,14 @@ def _create_ok_if_exists(create: Any) -> None:
             raise SandboxError(f"could not create a sandbox object: {e.status} {e.reason}") from e
 
 
+# A short progress deadline so a release that never becomes ready is Degraded in seconds, not
+# Kubernetes' default 10 minutes (the chart keeps 600 s for real clusters).
+SANDBOX_PROGRESS_DEADLINE = 15
+
+
 def cli(action: str) -> int:
     """`delivery sandbox <action>`; prints what it did and returns the exit code."""
-    sb = Sandbox()
+    sb = Sandbox(progress_deadline=SANDBOX_PROGRESS_DEADLINE)
     if action == "up":
         t0 = time.monotonic()
         st = sb.up()

@@ -73,27 +73,37 @@ def test_cli_status_reads_the_sandbox_from_the_settings(sandbox: SandboxState,
     assert sandbox.kube_url in out and "answering" in out
 
 
+def _root_commit(repo, branch: str = "main") -> str:
+    out = subprocess.run(["git", "rev-list", "--max-parents=0", branch], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[-1]
+
+
 def test_gitops_repo_is_seeded_for_the_sandbox(sandbox: SandboxState) -> None:
     """The GitOps remote holds the chart pointed at the sandbox registry and pinned to the initial tag."""
     yaml = YAML(typ="safe")
-    values = yaml.load(git_show(sandbox.gitops_remote, "main:helm/workout-api/values.yaml"))
+    # The seeded commit is the root of main: other tests deploy on top of it in the same session.
+    seed = _root_commit(sandbox.gitops_remote)
+    values = yaml.load(git_show(sandbox.gitops_remote, f"{seed}:helm/workout-api/values.yaml"))
     assert values["image"]["repository"] == IMAGE_REPOSITORY == f"{sandbox.registry}/workout-api"
     assert values["progressDeadlineSeconds"] == SANDBOX_PROGRESS_DEADLINE
     for env in ENVIRONMENTS:
-        text = git_show(sandbox.gitops_remote, f"main:helm/workout-api/values-{env.name}.yaml")
+        text = git_show(sandbox.gitops_remote, f"{seed}:helm/workout-api/values-{env.name}.yaml")
         assert yaml.load(text)["image"]["tag"] == sandbox.initial_tag
         assert f'tag: "{sandbox.initial_tag}"' in text, "the tag line keeps its quoting"
-    assert "kind: Kustomization" in git_show(sandbox.gitops_remote, "main:argocd/overlays/dev/kustomization.yaml")
+    assert "kind: Kustomization" in git_show(sandbox.gitops_remote, f"{seed}:argocd/overlays/dev/kustomization.yaml")
 
 
 def test_source_repo_has_main_and_release_dev_at_the_initial_commit(sandbox: SandboxState) -> None:
-    """The sample app's remote has `main` and `release-dev` at one commit, which names the initial tag."""
+    """The sample app's remote has `main` and `release-dev` grown from one root commit, which names the initial tag."""
     heads = subprocess.run(["git", "for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads"],
                            cwd=sandbox.source_remote, capture_output=True, text=True, check=True).stdout.split("\n")
     refs = dict(line.split() for line in heads if line)
-    assert set(refs) == {"main", "release-dev"} and refs["main"] == refs["release-dev"]
-    assert sandbox.initial_tag == f"main-{refs['main'][:7]}"
-    assert "Dockerfile" in git_show(sandbox.source_remote, "main:").split()
+    assert set(refs) == {"main", "release-dev"}
+    root = _root_commit(sandbox.source_remote, "main")
+    assert root == _root_commit(sandbox.source_remote, "release-dev")
+    assert sandbox.initial_tag == f"main-{root[:7]}"
+    assert "Dockerfile" in git_show(sandbox.source_remote, f"{root}:").split()
 
 
 def test_initial_image_is_in_the_registry(sandbox: SandboxState) -> None:

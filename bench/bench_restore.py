@@ -1,0 +1,198 @@
+"""Time to restore on the stack (dev): a deploy whose health fails, and a manual rollback.
+
+    .venv/bin/python bench/bench_restore.py [--failed N] [--manual N]
+
+1. Failed deploy: a source commit with HEALTHY=false in app/settings.env goes through the webhook;
+   the new pods never pass readiness, Argo CD reports Degraded once the progress deadline passes (the
+   sandbox runs with 15 s), the deploy flow rolls back to the last verified tag as a new commit and
+   verifies it. Reported: detection (the failed argocd-sync stage), the rollback stage from the run's
+   report, and from outside — watching the Application and polling health — failure visible
+   (Degraded) → the previous version verified again (Synced+Healthy at the rollback commit and
+   answering on its health URL). Downtime is what a health poll every 50 ms saw not answering 200.
+2. Manual rollback: `run_deployment("rollback/rollback", ...)` (what the UI and the CLI do) → the
+   run Completed, and from outside → the target version answering.
+The seed's "git revert + wait for the poll" is measured by bench_old_way.py on staging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from typing import Any
+
+import common
+from common import (
+    Ctx,
+    HealthWatcher,
+    fmt,
+    health,
+    push_and_deliver,
+    report_of,
+    save,
+    say,
+    settings_text,
+    source_repo,
+    stage_seconds,
+    summarize,
+    ts,
+    wait_final,
+)
+
+ENV = "dev"
+
+
+class AppWatcher(threading.Thread):
+    """Every change of the Application's (sync revision, sync status, health, operation phase), timed."""
+
+    def __init__(self, ctx: Ctx, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.ctx, self.interval = ctx, interval
+        self.changes: list[tuple[float, str, str, str, str]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from tasks.argocd import get_application
+        from tasks.argocd import summarize as app_summary
+
+        env = self.ctx.env(ENV)
+        last = None
+        while not self._halt.is_set():
+            try:
+                s = app_summary(get_application(env.application, namespace=env.argocd_namespace))
+                key = (s.sync_revision or "", s.sync_status, s.health_status, s.operation_phase or "")
+                if key != last:
+                    self.changes.append((time.time(), *key))
+                    last = key
+            except Exception:  # noqa: BLE001 - a missed sample only coarsens the timing
+                pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def failed_deploy_once(ctx: Ctx, repo: Any, label: str) -> dict[str, Any]:
+    env = ctx.env(ENV)
+    branch = env.branches[0]
+    code, prev = health(env.health_url)
+    hw, aw = HealthWatcher(env.health_url, interval=0.05), AppWatcher(ctx)
+    hw.start()
+    aw.start()
+    try:
+        pushed = push_and_deliver(ctx, repo, branch, settings_text(healthy=False, marker=f"bench restore {label}"),
+                                  f"fix: bench broken release {label}")
+        run = wait_final(pushed["run_id"], 300)
+        time.sleep(0.3)
+    finally:
+        hw.stop()
+        aw.stop()
+    report = report_of(pushed["run_id"]) or {}
+    bad_commit = report.get("values_commit", "")
+    t_degraded = next((t for t, rev, _s, h, _p in aw.changes if rev == bad_commit and h in ("Degraded", "Missing")),
+                      None)
+    t_restored = None
+    if t_degraded is not None:
+        t_restored = next((t for t, rev, s, h, p in aw.changes if t > t_degraded and rev and rev != bad_commit
+                           and s == "Synced" and h == "Healthy" and p in ("Succeeded", "")), None)
+    # Verified from outside also means the previous version answering at that moment.
+    restored_tag = report.get("serving") or report.get("rolled_back_to", "")
+    answering = hw.first_seen.get(restored_tag)
+    if t_restored is not None and answering is not None:
+        t_restored = max(t_restored, answering)
+    row = {
+        "run": run.name, "state": run.state_name, "result": report.get("result"), "previous_tag": prev,
+        "bad_tag": report.get("tag"), "rolled_back_to": report.get("rolled_back_to"),
+        "serving_after": report.get("serving"),
+        "detect_s": stage_seconds(report, "argocd-sync"),
+        "rollback_stage_s": stage_seconds(report, "rollback"),
+        "accepted_to_failed_s": round(ts(run.end_time) - pushed["accepted_at"], 3),
+        "degraded_to_restored_outside_s": round(t_restored - t_degraded, 3) if t_restored and t_degraded else None,
+        "degraded_to_run_end_s": round(ts(run.end_time) - t_degraded, 3) if t_degraded else None,
+        "bad_version_answered": report.get("tag", "?") in hw.first_seen,
+        "downtime_s": hw.downtime_s(),
+        "health_samples": hw.samples,
+    }
+    return row
+
+
+def manual_rollback_once(ctx: Ctx) -> dict[str, Any]:
+    from prefect.deployments import run_deployment
+
+    env = ctx.env(ENV)
+    hw = HealthWatcher(env.health_url, interval=0.05)
+    hw.start()
+    try:
+        t0 = time.time()
+        fr = run_deployment("rollback/rollback", parameters={"app": ctx.app.name, "environment": ENV,
+                                                              "reason": "bench: manual rollback"}, timeout=0)
+        run = wait_final(str(fr.id), 240)
+        time.sleep(0.2)
+    finally:
+        hw.stop()
+    report = report_of(str(fr.id)) or {}
+    target = report.get("tag", "")
+    answered = hw.first_seen.get(target)
+    return {"run": run.name, "state": run.state_name, "to_tag": target, "from_tag": report.get("previous_tag"),
+            "total_s": round(ts(run.end_time) - t0, 3),
+            "queue_wait_s": round(ts(run.start_time) - ts(run.created), 3),
+            "target_answering_s": round(answered - t0, 3) if answered else None,
+            "stages": {s["name"]: s["seconds"] for s in report.get("stages", [])},
+            "downtime_s": hw.downtime_s()}
+
+
+def run(ctx: Ctx, failed: int, manual: int) -> dict[str, Any]:
+    repo = source_repo(ctx)
+    branch = ctx.env(ENV).branches[0]
+    rows = []
+    for i in range(failed):
+        r = failed_deploy_once(ctx, repo, f"{ctx.run_id}-{i}")
+        say(f"failed deploy {i + 1}/{failed}: {r['result']}: detected after {r['detect_s']:.1f} s, rollback stage "
+            f"{r['rollback_stage_s']:.2f} s, Degraded → restored (outside) {r['degraded_to_restored_outside_s']} s, "
+            f"downtime {r['downtime_s']} s, now {r['serving_after']}")
+        rows.append(r)
+    # Leave the branch healthy (not deployed: the next benchmark's push supersedes it).
+    repo.remotes.origin.fetch()
+    from common import commit_local, push_sha
+
+    push_sha(repo, commit_local(repo, branch, settings_text(marker="bench: restore health settings"),
+                                "revert: restore health settings"), branch)
+    manuals = []
+    for i in range(manual):
+        m = manual_rollback_once(ctx)
+        say(f"manual rollback {i + 1}/{manual}: {m['from_tag']} → {m['to_tag']} {m['state']} in {m['total_s']:.2f} s "
+            f"(queue {m['queue_wait_s']:.2f} s, answering after {m['target_answering_s']} s)")
+        manuals.append(m)
+    out = {
+        "environment": ENV,
+        "failed_deploys": rows,
+        "detect_s": summarize(r["detect_s"] for r in rows),
+        "rollback_stage_s": summarize(r["rollback_stage_s"] for r in rows),
+        "degraded_to_restored_outside_s": summarize(r["degraded_to_restored_outside_s"] for r in rows),
+        "degraded_to_run_end_s": summarize(r["degraded_to_run_end_s"] for r in rows),
+        "accepted_to_failed_s": summarize(r["accepted_to_failed_s"] for r in rows),
+        "downtime_s": max((r["downtime_s"] for r in rows), default=0.0),
+        "manual_rollbacks": manuals,
+        "manual_total_s": summarize(m["total_s"] for m in manuals),
+        "manual_answering_s": summarize(m["target_answering_s"] for m in manuals),
+    }
+    say(f"time to restore, rollback stage: {fmt(out['rollback_stage_s'])}")
+    say(f"time to restore, Degraded → verified (outside): {fmt(out['degraded_to_restored_outside_s'])}")
+    say(f"manual rollback, run_deployment → Completed: {fmt(out['manual_total_s'])}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--failed", type=int, default=2)
+    p.add_argument("--manual", type=int, default=3)
+    a = p.parse_args()
+    ctx = common.ensure_stack()
+    out = run(ctx, a.failed, a.manual)
+    out["machine"] = common.machine()
+    say(f"wrote {save('restore', out)}")
+
+
+if __name__ == "__main__":
+    main()
