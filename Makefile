@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job on the sandbox) and `make test`.
-.PHONY: setup test lint demo up down bench clean
+.PHONY: setup test test-faults test-all lint demo up down bench clean
 
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -9,7 +9,13 @@ setup:
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -m "not faults"
+
+# Real faults (stopped registry, restarted dockerd, killed processes): slower, so a separate target.
+test-faults: setup
+	.venv/bin/pytest -q -m faults
+
+test-all: test test-faults
 
 lint: setup
 	.venv/bin/ruff check .

@@ -20,7 +20,7 @@ from flows.rollback import rollback
 
 DRIFT_CRON = os.environ.get("DELIVERY_DRIFT_CRON", "*/15 * * * *")
 # A backstop only: the real guard is the per-app-and-environment lock inside the flow.
-DEPLOY_CONCURRENCY = 10
+DEPLOY_CONCURRENCY = 25
 
 
 def deployment_specs() -> list[Any]:

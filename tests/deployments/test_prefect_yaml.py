@@ -62,7 +62,7 @@ def test_deploy_all_registers_the_three_deployments_with_schedules_and_limits(re
     assert schedules == [("*/15 * * * *", "UTC", True)]
     assert deploy.schedules == [] and rollback.schedules == []
     limit = deploy.global_concurrency_limit
-    assert limit is not None and limit.limit == 10
+    assert limit is not None and limit.limit == 25
     assert deploy.concurrency_options.collision_strategy.value == "ENQUEUE"
 
 

@@ -52,5 +52,5 @@ def test_same_concurrency_limits():
         assert d.concurrency_limit == limit["limit"], name
         strategy = d.concurrency_options.collision_strategy.value if d.concurrency_options else "ENQUEUE"
         assert strategy == limit.get("collision_strategy", "ENQUEUE"), name
-    assert yaml["deploy"]["concurrency_limit"]["limit"] == 10
+    assert yaml["deploy"]["concurrency_limit"]["limit"] == 25
 
