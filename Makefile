@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job on the sandbox) and `make test`.
-.PHONY: setup test test-faults test-all lint demo up down bench clean
+.PHONY: setup test test-faults test-scale test-all lint demo up down bench clean
 
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -14,6 +14,10 @@ test: setup
 # Real faults (stopped registry, restarted dockerd, killed processes): slower, so a separate target.
 test-faults: setup
 	.venv/bin/pytest -q -m faults
+
+# Scale-out (PostgreSQL, two workers, ten deploys at once): minutes, not part of `make test`.
+test-scale: setup
+	.venv/bin/pytest -q -s -m scale tests/scale
 
 test-all: test test-faults
 

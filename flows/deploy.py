@@ -178,7 +178,8 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
 
     # From here on Git names the new tag: any failure must put the last known-good tag back.
     try:
-        _verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout)
+        _verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout, repo=repo,
+                values_path=values_path)
     except DeliveryError as failure:
         return _roll_back_after(report, a, env, repo, failure, sync_timeout=sync_timeout,
                                 rollout_timeout=rollout_timeout, health_timeout=health_timeout)
@@ -192,12 +193,15 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
 
 
 def _verify(report: Report, env: Environment, revision: str, tag: str, sync_timeout: float,
-            rollout_timeout: float, health_timeout: float) -> None:
+            rollout_timeout: float, health_timeout: float, *, repo: Any, values_path: str) -> None:
     with report.stage("argocd-refresh"):
         argocd.request_refresh_task(env.application, namespace=env.argocd_namespace)
     with report.stage("argocd-sync"):
+        # Other environments and apps commit to the same GitOps branch: Argo CD may sync a newer head
+        # that still carries our tag, and that counts as ours.
         status = argocd.wait_for_sync_task(env.application, revision, timeout=sync_timeout,
-                                           namespace=env.argocd_namespace)
+                                           namespace=env.argocd_namespace,
+                                           carries=gitops.carries_change(repo, revision, values_path, tag))
         report.argocd = argocd.describe(status)
     with report.stage("rollout"):
         probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)

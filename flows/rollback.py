@@ -89,7 +89,8 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
                                                  branch=a.gitops_branch)
             report.values_commit = commit.sha
         log.info("rollback commit %s puts %s back (was %s)", commit.sha[:12], target, current)
-        _verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout)
+        _verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout, repo=repo,
+                values_path=values_path)
         with report.stage("record-verified"):
             gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=target)
         report.serving = target

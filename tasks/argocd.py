@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,8 +90,14 @@ def sync_verdict(
     *,
     now: datetime | None = None,
     degraded_grace: float = 10.0,
+    carries: Callable[[str], bool] | None = None,
 ) -> Verdict:
     """Is `application` synced and healthy at `revision` (a full commit SHA)? Pure.
+
+    `carries(r)` says whether a later revision `r` still carries our change. Several apps and
+    environments commit to one GitOps branch: when another values commit lands before Argo CD syncs
+    ours, Argo CD syncs that newer head, which includes our change. Without `carries`, only the exact
+    revision counts.
 
     A ComparisonError/InvalidSpecError condition fails only once no refresh is pending: until the
     controller consumes our refresh annotation the conditions may still be about the old commit.
@@ -105,10 +112,13 @@ def sync_verdict(
     if not status:
         return Verdict.wait("no status yet")
 
+    def matches(revs: list[str]) -> bool:
+        return revision in revs or (carries is not None and any(carries(r) for r in revs if r))
+
     op_state = status.get("operationState") or {}
     phase = op_state.get("phase") or ""
     op_revs = _operation_revisions(op_state)
-    ours = revision in op_revs
+    ours = matches(op_revs)
     if phase in ("Running", "Terminating"):
         return Verdict.wait(f"sync operation {phase} for {_short(op_revs[0] if op_revs else None)}")
 
@@ -125,7 +135,7 @@ def sync_verdict(
     if phase != "Succeeded":
         return Verdict.wait(f"no sync operation for {_short(revision)} yet")
     result_revs = _revisions(op_state.get("syncResult"))
-    if revision not in result_revs:
+    if not matches(result_revs):
         return Verdict.wait(f"last sync was at {_short(result_revs[0] if result_revs else None)}, "
                             f"not {_short(revision)}")
     finished = _parse_time(op_state.get("finishedAt"))
@@ -138,7 +148,7 @@ def sync_verdict(
     sync = status.get("sync") or {}
     sync_status = sync.get("status") or "Unknown"
     sync_revs = _revisions(sync)
-    if sync_status != "Synced" or revision not in sync_revs:
+    if sync_status != "Synced" or not matches(sync_revs):
         return Verdict.wait(f"{sync_status} at {_short(sync_revs[0] if sync_revs else None)}, "
                             f"waiting for Synced at {_short(revision)}")
 
@@ -293,8 +303,10 @@ def wait_for_sync(
     degraded_grace: float = 10.0,
     kubeconfig: Path | str | None = None,
     tick: float = 1.5,
+    carries: Callable[[str], bool] | None = None,
 ) -> AppStatus:
-    """Watch the Application until it is synced and healthy at `revision` (a full 40-hex commit SHA).
+    """Watch the Application until it is synced and healthy at `revision` (a full 40-hex commit SHA),
+    or at a later revision that `carries` our change (see `sync_verdict`).
 
     Raises SyncFailed with Argo CD's message when the sync fails or the app stays degraded, and
     SyncTimeout naming the last status seen when `timeout` seconds pass first.
@@ -311,7 +323,7 @@ def wait_for_sync(
     def judge(obj: dict[str, Any] | None) -> Verdict:
         if obj is None:
             return Verdict.wait("Application does not exist")
-        return sync_verdict(obj, revision, degraded_grace=degraded_grace)
+        return sync_verdict(obj, revision, degraded_grace=degraded_grace, carries=carries)
 
     def key(obj: dict[str, Any] | None) -> tuple[str, ...]:
         if obj is None:
@@ -366,9 +378,10 @@ def request_refresh_task(app: str, namespace: str = "argocd", hard: bool = True)
 
 @task(name="wait-for-sync", cache_policy=NO_CACHE)
 def wait_for_sync_task(app: str, revision: str, timeout: float, namespace: str = "argocd",
-                       degraded_grace: float = 10.0) -> AppStatus:
+                       degraded_grace: float = 10.0, carries: Callable[[str], bool] | None = None) -> AppStatus:
     """No retries: the wait already spans its whole timeout, and a failed sync will not heal by asking again."""
-    return wait_for_sync(app, revision, timeout=timeout, namespace=namespace, degraded_grace=degraded_grace)
+    return wait_for_sync(app, revision, timeout=timeout, namespace=namespace, degraded_grace=degraded_grace,
+                         carries=carries)
 
 
 @task(name="application-status", cache_policy=NO_CACHE, retries=2,

@@ -955,6 +955,32 @@ def is_newer(repo: git.Repo, sha: str, other: str) -> bool:
     return a != b and _run(workdir, "merge-base", "--is-ancestor", a, b, check=False).ok
 
 
+def carries_change(repo: git.Repo, commit_sha: str, path: str, tag: str, *, key: str = "image.tag"):
+    """A predicate for `tasks.argocd.wait_for_sync`: does revision `r` still carry our values commit?
+
+    True when `r` descends from `commit_sha` and `path` still names `tag` at `r`: another app's or
+    environment's values commit landed on top of ours, and Argo CD synced that newer head. Unknown
+    revisions are fetched once; answers are remembered, since the wait asks on every status change."""
+    workdir = _workdir(repo)
+    seen: dict[str, bool] = {}
+
+    def carries(revision: str) -> bool:
+        if revision in seen:
+            return seen[revision]
+        if not _SHA_RE.fullmatch(revision or ""):
+            return False
+        if not _has_commit(workdir, revision):
+            _run(workdir, "fetch", "--quiet", "origin", check=False)
+        try:
+            ok = is_newer(repo, commit_sha, revision) and read_image_tag_at(repo, revision, path, key) == tag
+        except DeliveryError:
+            ok = False
+        seen[revision] = ok
+        return ok
+
+    return carries
+
+
 # ------------------------------------------------------------------------------------------ tasks
 
 

@@ -199,3 +199,17 @@ def test_summarize_and_describe() -> None:
     assert describe(s) == "Synced@9f2c1e4, Progressing"
     running = summarize(app(NEW, phase="Running", op_revision=OLD, sync="OutOfSync"))
     assert describe(running) == "OutOfSync@9f2c1e4, Healthy, sync Running@1a2b3c4"
+
+
+LATER = "5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"
+
+
+def test_a_later_revision_that_carries_our_change_counts_as_ours():
+    """Another values commit landed on top of ours and Argo CD synced it: done when it carries our tag."""
+    synced_later = app(LATER)
+    assert sync_verdict(synced_later, NEW, now=T0 + timedelta(seconds=20)).state == "wait"
+    assert sync_verdict(synced_later, NEW, now=T0 + timedelta(seconds=20),
+                        carries=lambda r: r == LATER).state == "done"
+    # A later revision that no longer names our tag (someone rolled it back) is not ours.
+    assert sync_verdict(synced_later, NEW, now=T0 + timedelta(seconds=20),
+                        carries=lambda r: False).state == "wait"

@@ -175,3 +175,35 @@ def test_token_never_appears_in_logs_or_errors(remote: Path, clone_dir, caplog: 
     for secret in (token, settings_token):
         assert secret not in logged
         assert all(secret not in t for t in texts)
+
+
+def test_carries_change_follows_later_commits_that_keep_our_tag(tmp_path):
+    """A later commit on top of ours carries our change while the values file still names our tag."""
+    import git as _git
+
+    from tasks.gitops import bump_image_tag, carries_change, commit_and_push
+
+    bare = tmp_path / "remote.git"
+    _git.Repo.init(bare, bare=True, initial_branch="main")
+    seed = _git.Repo.clone_from(str(bare), tmp_path / "seed")
+    (tmp_path / "seed" / "values-dev.yaml").write_text('image:\n  tag: "a"\n')
+    (tmp_path / "seed" / "values-staging.yaml").write_text('image:\n  tag: "s"\n')
+    seed.index.add(["values-dev.yaml", "values-staging.yaml"])
+    actor = _git.Actor("t", "t@example.com")
+    seed.index.commit("seed", author=actor, committer=actor)
+    seed.remotes.origin.push("HEAD:refs/heads/main")
+    ours = _git.Repo.clone_from(str(bare), tmp_path / "ours")
+    bump_image_tag(tmp_path / "ours" / "values-dev.yaml", "b")
+    mine = commit_and_push(ours, ["values-dev.yaml"], "dev to b", author=("t", "t@example.com"), branch="main").sha
+    other = _git.Repo.clone_from(str(bare), tmp_path / "other")
+    bump_image_tag(tmp_path / "other" / "values-staging.yaml", "s2")
+    later = commit_and_push(other, ["values-staging.yaml"], "staging", author=("t", "t@example.com"),
+                            branch="main").sha
+    bump_image_tag(tmp_path / "other" / "values-dev.yaml", "c")
+    replaced = commit_and_push(other, ["values-dev.yaml"], "dev to c", author=("t", "t@example.com"),
+                               branch="main").sha
+    carries = carries_change(ours, mine, "values-dev.yaml", "b")
+    assert carries(later) is True  # fetched on demand: `ours` had never seen it
+    assert carries(replaced) is False
+    assert carries(mine) is False  # the exact revision is the caller's own comparison
+    assert carries("not-a-sha") is False
