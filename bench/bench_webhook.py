@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import secrets
 import socket
 import statistics
 import sys
@@ -38,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SECRET = "bench-webhook-secret"
+SECRET = secrets.token_hex(16)  # made per run: nothing secret-shaped is committed
 BENCH_DEPLOYMENT = "webhook-bench/deploy"
 CONFIG = {
     "apps": {
@@ -262,7 +263,8 @@ def run_stack(ctx: Any, rate: float = 50.0, seconds: float = 10.0,
 
     print(f"[stack receiver] {rate:g} badly signed deliveries/s for {seconds / 2:g} s against {ctx.stack.webhook_url}",
           flush=True)
-    rejected = asyncio.run(_drive(ctx.stack.webhook_url, rate, seconds / 2, secret="wrong-secret", every_rejected=1,
+    wrong = secrets.token_hex(16)
+    rejected = asyncio.run(_drive(ctx.stack.webhook_url, rate, seconds / 2, secret=wrong, every_rejected=1,
                                   body=body))
 
     _register_bench_deployment()

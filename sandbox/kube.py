@@ -826,7 +826,7 @@ def kubeconfig_text(server_url: str, *, namespace: str = "default") -> str:
         "kind": "Config",
         "clusters": [{"name": "sandbox", "cluster": {"server": server_url}}],
         # The emulator checks no credentials; a token keeps the client on its normal bearer-auth path.
-        "users": [{"name": "sandbox", "user": {"token": "sandbox"}}],
+        "users": [{"name": "sandbox", "user": {}}],  # the emulator does not authenticate
         "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox",
                                                      "namespace": namespace}}],
         "current-context": "sandbox",

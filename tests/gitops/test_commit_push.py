@@ -148,7 +148,7 @@ def test_pending_commit_is_pushed_on_the_next_attempt(remote: Path, clone_dir) -
 def test_token_never_appears_in_logs_or_errors(remote: Path, clone_dir, caplog: pytest.LogCaptureFixture) -> None:
     """A token in the remote URL, or from settings, is masked in every log line and error."""
     caplog.set_level(logging.DEBUG)
-    token = "ghp_FAKE123456"
+    token = "ghp_FAKE123456"  # secret-scan: allow (test fixture)
     url = f"https://x-access-token:{token}@127.0.0.1:9/o/r.git"
     texts = []
     with pytest.raises(GitError) as err:
@@ -164,7 +164,7 @@ def test_token_never_appears_in_logs_or_errors(remote: Path, clone_dir, caplog: 
     assert err.value.transient
     texts.append(str(err.value))
 
-    settings_token = "ghp_SETTING987654"
+    settings_token = "ghp_SETTING987654"  # secret-scan: allow (test fixture)
     with pytest.raises(GitError) as err:
         checkout("https://127.0.0.1:9/o/r.git", "main", clone_dir("settings"),
                  settings=Settings(_env_file=None, git_token=settings_token))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from prefect import flow
 from prefect.states import Failed
-from prefect.testing.utilities import prefect_test_harness
 
 from delivery.errors import GitError, GitPushError, ValuesError
 from tasks.gitops import (
@@ -26,9 +25,9 @@ from tests.gitops.conftest import AUTHOR, remote_log, run_git
 
 
 @pytest.fixture(scope="module")
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_harness(prefect_api) -> Iterator[None]:
+    """The session's Prefect server (tests/conftest.py): one start-up for the whole suite."""
+    yield
 
 
 def test_retry_condition_only_retries_transient_errors() -> None:

@@ -10,7 +10,6 @@ import pytest
 from prefect import flow
 from prefect.blocks.system import Secret
 from prefect.states import Failed
-from prefect.testing.utilities import prefect_test_harness
 from pydantic import SecretStr
 
 from delivery.errors import BuildError, ConfigError, PushError
@@ -28,9 +27,9 @@ PASSWORD = "block-held-pass-5e2d9"  # secret-scan: allow
 
 
 @pytest.fixture(scope="module")
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_harness(prefect_api) -> Iterator[None]:
+    """The session's Prefect server (tests/conftest.py): one start-up for the whole suite."""
+    yield
 
 
 def test_no_credentials_configured_means_anonymous() -> None:

@@ -231,8 +231,9 @@ def test_core_objects(kube: Kube) -> None:
                                                  "spec": {"ports": [{"port": 80, "targetPort": 8000}]}})
     kube.core.create_namespaced_config_map("apps", {"metadata": {"name": "cfg", "labels": {"tier": "back"}},
                                                     "data": {"A": "1"}})
-    kube.core.create_namespaced_secret("apps", {"metadata": {"name": "s"}, "stringData": {"token": "abc"}})
-    assert kube.core.read_namespaced_secret("s", "apps").data == {"token": "YWJj"}
+    data = {"token": "abc"}  # secret-scan: allow
+    kube.core.create_namespaced_secret("apps", {"metadata": {"name": "s"}, "stringData": data})
+    assert kube.core.read_namespaced_secret("s", "apps").data == {"token": "YWJj"}  # secret-scan: allow
     assert [s.metadata.name for s in kube.core.list_namespaced_service("apps", label_selector="tier=front").items] \
         == ["web"]
     assert kube.core.list_namespaced_config_map("apps", label_selector="tier in (front,middle)").items == []

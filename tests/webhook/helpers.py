@@ -19,7 +19,7 @@ from prefect import flow
 from delivery.config import Config, parse_config
 from deployments.webhook import DeployRequest, StartedRun, signature_for
 
-SECRET = "test-webhook-secret-8f1c2e"
+SECRET = "test-webhook-secret-8f1c2e"  # secret-scan: allow (test fixture)
 PAYLOADS = Path(__file__).parent / "payloads"
 
 
