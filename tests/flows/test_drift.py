@@ -75,9 +75,15 @@ def test_image_changed_behind_argocd_is_drifted_then_healed(stack):
     try:
         dep = apps.read_namespaced_deployment(env.deployment, env.namespace)
         c0 = dep.spec.template.spec.containers[0]
-        apps.patch_namespaced_deployment(env.deployment, env.namespace, {"spec": {"template": {"spec": {
-            "containers": [{"name": c0.name, "image": c0.image.rsplit(":", 1)[0] + ":hand-patched"}]}}}})
-        rows = _wait_rows(lambda r: r["staging"].result == "drifted", timeout=30)
+        patch = {"spec": {"template": {"spec": {
+            "containers": [{"name": c0.name, "image": c0.image.rsplit(":", 1)[0] + ":hand-patched"}]}}}}
+        # Argo CD learns of the self-heal change through its watch; on a loaded machine a patch that
+        # lands first is still healed. Patch again until the drift stays, as an operator would.
+        for _ in range(4):
+            apps.patch_namespaced_deployment(env.deployment, env.namespace, patch)
+            rows = _wait_rows(lambda r: r["staging"].result == "drifted", timeout=10)
+            if rows["staging"].result == "drifted":
+                break
         assert rows["staging"].result == "drifted"
         assert "hand-patched" in rows["staging"].live_image
         assert rows["dev"].result != "drifted"
