@@ -140,12 +140,19 @@ def test_connection_refused_fails_with_the_error() -> None:
 
 def test_service_proxy_url_goes_through_the_api_server(tmp_path) -> None:
     """The service proxy URL is built from the kubeconfig's server, with its bearer token as header."""
-    from sandbox.kube import write_kubeconfig
+    import json
+    import secrets
 
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:6443")
+    bearer = secrets.token_hex(8)  # made at run time: no token-shaped literal in the repository
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "http://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": bearer}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
     url, headers = service_proxy_url("workout-dev", "workout-api", 80, kubeconfig=kubeconfig)
     assert url == "http://127.0.0.1:6443/api/v1/namespaces/workout-dev/services/workout-api:80/proxy/api/health/"
-    assert headers == {"authorization": "Bearer sandbox"}
+    assert headers == {"authorization": f"Bearer {bearer}"}
     assert parse_kube_proxy_url("kube-proxy://workout-dev/workout-api:http/api/health/") == (
         "workout-dev", "workout-api", "http", "/api/health/")
     with pytest.raises(HealthCheckFailed, match="bad service proxy URL"):
