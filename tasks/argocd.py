@@ -23,9 +23,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from delivery.errors import ArgoCDError, DeliveryError, SyncFailed, SyncTimeout
+from delivery.errors import ArgoCDError, SyncFailed, SyncTimeout
 from delivery.log import get_logger
 from delivery.redact import redact
+from delivery.retries import retry_if_transient as _retry_if_transient
 from delivery.waits import Verdict, follow
 from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, watch_object
 
@@ -358,15 +359,6 @@ def wait_for_sync(
 # Prefect tasks
 
 
-def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only errors that say trying again can help."""
-    exc = getattr(state, "data", None)
-    if not isinstance(exc, BaseException):
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:
-            return False
-    return isinstance(exc, DeliveryError) and exc.transient
 
 
 @task(name="request-refresh", cache_policy=NO_CACHE, retries=3,

@@ -37,6 +37,7 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScala
 from delivery.errors import DeliveryError, GitError, GitPushError, ValuesError
 from delivery.log import get_logger
 from delivery.redact import redact, register_secret
+from delivery.retries import retry_if_transient as _retry_if_transient
 from delivery.settings import Settings, get_settings
 
 PIPELINE_TRAILER = "Delivery-Pipeline"
@@ -984,14 +985,6 @@ def carries_change(repo: git.Repo, commit_sha: str, path: str, tag: str, *, key:
 # ------------------------------------------------------------------------------------------ tasks
 
 
-def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
-    if exc is None:
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:
-            return False
-    return isinstance(exc, DeliveryError) and exc.transient
 
 
 _RETRIES: dict[str, Any] = {

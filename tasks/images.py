@@ -38,6 +38,7 @@ from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception
 from delivery.errors import BuildError, ConfigError, DeliveryError, PushError, RegistryError
 from delivery.log import get_logger
 from delivery.redact import redact, register_secret
+from delivery.retries import retry_if_transient as _retry_if_transient
 
 # ---------------------------------------------------------------------------------------------
 # Tag scheme
@@ -680,15 +681,6 @@ def push_image(repository: str, tags: list[str], *, credentials: RegistryCredent
 # ---------------------------------------------------------------------------------------------
 
 
-def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only errors that say trying again can help."""
-    exc = getattr(state, "data", None)
-    if not isinstance(exc, BaseException):
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:
-            return False
-    return isinstance(exc, DeliveryError) and exc.transient
 
 
 @task(name="build-image", cache_policy=NO_CACHE)
