@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def deploy(
                          lease_duration=get_settings().lock_lease_seconds):
             report.stages.append(Stage("lock-wait", round(time.monotonic() - waited, 3)))
             return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
-                                      rollout_timeout, health_timeout)
+                                  rollout_timeout, health_timeout)
     except DeploySuperseded as e:
         report.finish("superseded", str(e))
         log.info("deploy skipped: %s", e)
@@ -259,6 +258,3 @@ def _publish(report: Report) -> None:
                              link_text=f"{report.app} {report.environment} health",
                              description="the app's health endpoint")
 
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
