@@ -35,7 +35,7 @@ from common import (
 )
 
 ENV = "dev"
-STAGES = ("checkout", "lock", "gitops-checkout", "build", "push", "bump-commit-push", "argocd-refresh",
+STAGES = ("checkout", "lock-wait", "gitops-checkout", "build", "push", "bump-commit-push", "argocd-refresh",
           "argocd-sync", "rollout", "health", "record-verified")
 
 
