@@ -87,7 +87,7 @@ def test_unhealthy_release_is_rolled_back_automatically(stack, source, tmp_path)
 def test_broken_build_changes_nothing_in_git(stack, source, tmp_path):
     """A Dockerfile that fails to build ends Failed at build, with no GitOps commit and no rollback."""
     before = gitops_log(str(stack.gitops_remote), tmp_path, VALUES)
-    sha = source.commit("release-dev", dockerfile_broken=True, note="broken build")
+    sha = source.commit("release-dev", dockerfile_run="echo broken-step && exit 3", note="broken build")
     state = _deploy(sha)
     assert state.is_failed()
     assert "build" in state.message.lower() or "broken-step" in state.message

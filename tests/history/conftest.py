@@ -14,7 +14,7 @@ from delivery.settings import get_settings
 from flows.deploy import deploy
 from flows.rollback import rollback
 from tasks.images import image_tags
-from tests.flows.conftest import SourceRepo
+from tests.source_clone import SourceClone
 
 APP, ENV, BRANCH = "workout-api", "staging", "main"
 FAST = {"sync_timeout": 120.0, "rollout_timeout": 60.0, "health_timeout": 60.0}
@@ -32,7 +32,7 @@ class History:
 @pytest.fixture(scope="module")
 def history_runs(sandbox, prefect_api, tmp_path_factory: pytest.TempPathFactory) -> History:
     get_settings.cache_clear()
-    source = SourceRepo(str(sandbox.source_remote), tmp_path_factory.mktemp("history") / "src")
+    source = SourceClone(str(sandbox.source_remote), tmp_path_factory.mktemp("history") / "src")
 
     def run_deploy(sha: str):
         return deploy(app=APP, environment=ENV, source_ref=f"refs/heads/{BRANCH}", source_sha=sha,

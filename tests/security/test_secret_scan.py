@@ -30,7 +30,7 @@ from flows.deploy import deploy
 from sandbox.manager import IMAGE_REPOSITORY
 from tasks import gitops, images
 from tests.faults.conftest import OwnRegistry
-from tests.flows.conftest import SourceRepo
+from tests.source_clone import SourceClone
 from tests.webhook.helpers import ServerThread, deploy_stub, make_config, payload, signed_headers
 
 WRONG_SECRET = "x"  # secret-scan: allow (a wrong signature key on purpose)
@@ -118,7 +118,7 @@ def test_no_secret_anywhere(sandbox, prefect_api: str, tmp_path: Path, monkeypat
     texts: list[tuple[str, str]] = []
 
     # 1. A deploy on the sandbox, with every secret configured.
-    src = SourceRepo(str(sandbox.source_remote), tmp_path / "src")
+    src = SourceClone(str(sandbox.source_remote), tmp_path / "src")
     sha = src.commit("main", note="secret scan")
     state = deploy(app="workout-api", environment="staging", source_ref="refs/heads/main", source_sha=sha,
                    return_state=True, sync_timeout=120.0, rollout_timeout=60.0, health_timeout=60.0)
