@@ -25,7 +25,7 @@ lint: setup
 	.venv/bin/ruff check .
 
 demo: setup
-	.venv/bin/python -m delivery.demo
+	.venv/bin/python -m sandbox.demo
 
 up: setup
 	.venv/bin/delivery up

@@ -141,11 +141,11 @@ class Ctx:
 
 
 def ensure_stack(*, quick: bool = False) -> Ctx:
-    """`delivery.stack.up()`: starts whatever part of the stack is not running, reuses the rest."""
+    """`sandbox.stack.up()`: starts whatever part of the stack is not running, reuses the rest."""
     quiet()
-    from delivery import stack
     from delivery.config import load_config
     from delivery.settings import get_settings
+    from sandbox import stack
 
     t0 = time.monotonic()
     st = stack.up()
@@ -172,7 +172,7 @@ def stack_pids(ctx: Ctx) -> dict[str, int]:
 
 
 def source_repo(ctx: Ctx) -> Any:
-    from delivery.demo import source_clone
+    from sandbox.demo import source_clone
 
     repo = source_clone(ctx.app.source_repo, ctx.clone_dir)
     repo.remotes.origin.fetch()
@@ -207,7 +207,7 @@ def push_sha(repo: Any, sha: str, branch: str) -> None:
 def deliver_push(ctx: Ctx, branch: str, before: str, after: str, message: str,
                  delivery_id: str | None = None) -> tuple[int, dict[str, Any], float]:
     """A signed GitHub push webhook to the stack's receiver; returns (status, answer, seconds to answer)."""
-    from delivery.demo import deliver, push_payload
+    from sandbox.demo import deliver, push_payload
 
     payload = push_payload(f"refs/heads/{branch}", before, after, ctx.app.source_repo,
                            [{"id": after, "message": message}])

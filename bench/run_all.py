@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run_all.py [--quick] [--skip NAME ...]
 
-Starts the stack (`delivery.stack.up()`) when it is not running, then:
+Starts the stack (`sandbox.stack.up()`) when it is not running, then:
 
 - in a background thread, on staging: the old way (sed + commit + push + Argo CD's real 180 s poll)
   once, the new way a few times, and (not with --quick) the seed's git-revert restore (one more poll);

@@ -16,8 +16,8 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from delivery import stack
     from delivery.settings import get_settings
+    from sandbox import stack
 
     st = stack.up() if args.webhook_port is None else stack.up(webhook_port=args.webhook_port)
     print(f"Prefect UI:       {st.prefect_ui_url}")
@@ -27,7 +27,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from delivery import stack
+    from sandbox import stack
 
     stack.down()
     print("stopped")
@@ -35,8 +35,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from delivery import stack
-    from sandbox import manager
+    from sandbox import manager, stack
 
     rc = manager.cli("status")
     print("\n".join(stack.status_lines()))

@@ -19,9 +19,9 @@ import docker
 import pytest
 
 from delivery.settings import PROJECT_ROOT
-from delivery.stack import alive
 from sandbox import engine
 from sandbox.manager import LABEL
+from sandbox.stack import alive
 from tests.fixtures_sandbox import free_port_block
 
 DELIVERY = str(Path(sys.executable).with_name("delivery"))
@@ -107,10 +107,10 @@ def _assert_story(res: subprocess.CompletedProcess[str], s: DemoStack) -> None:
 @pytest.mark.timeout(1800)
 def test_demo_tells_the_whole_story_twice(demo_stack):
     """The demo deploys, rolls back a broken release, finds drift and prints history; and again on a re-run."""
-    first = demo_stack.run(sys.executable, "-m", "delivery.demo", timeout=900)
+    first = demo_stack.run(sys.executable, "-m", "sandbox.demo", timeout=900)
     _assert_story(first, demo_stack)
     pids = demo_stack.pids()
-    second = demo_stack.run(sys.executable, "-m", "delivery.demo", timeout=900)
+    second = demo_stack.run(sys.executable, "-m", "sandbox.demo", timeout=900)
     _assert_story(second, demo_stack)
     # The re-run used the running stack and found the first run's deploys in the history.
     assert demo_stack.pids() == pids

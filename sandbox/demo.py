@@ -30,9 +30,9 @@ from typing import Any
 
 import git
 
-from delivery import stack
 from delivery.config import load_config
 from delivery.settings import get_settings
+from sandbox import stack
 
 ZERO = "0" * 40
 
