@@ -77,6 +77,10 @@ class DeploySuperseded(DeliveryError):
     """A newer commit of the same branch was deployed or queued; this one must not win."""
 
 
+class LockTimeout(DeliveryError):
+    """The environment's deploy lock was not free within the run's lock timeout."""
+
+
 class RollbackError(DeliveryError):
     """The rollback could not be carried out or verified."""
 

@@ -45,6 +45,10 @@ class Report:
     rolled_back_to: str = ""
     serving: str = ""
     finished_at: float = 0.0
+    # What the run found at its end, read back from Git, the Deployment and the Application.
+    git_names: str = ""
+    cluster_runs: str = ""
+    argocd_final: str = ""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Stage]:
@@ -61,11 +65,10 @@ class Report:
         finally:
             st.seconds = round(time.monotonic() - t0, 3)
 
-    def skip(self, name: str, detail: str) -> None:
-        self.stages.append(Stage(name, 0.0, "skipped", detail))
-
-    def stage_seconds(self, name: str) -> float:
-        return sum(s.seconds for s in self.stages if s.name == name)
+    @property
+    def failed_stage(self) -> str:
+        """The stage the run failed in; the first one, since later stages (a rollback) follow from it."""
+        return next((s.name for s in self.stages if s.outcome == "failed"), "")
 
     def finish(self, result: str, reason: str = "") -> None:
         self.result = result
@@ -73,7 +76,7 @@ class Report:
         self.finished_at = time.time()
 
     def summary(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "failed_stage": self.failed_stage}
 
     def markdown(self) -> str:
         title = f"{self.kind.capitalize()} {self.app} → {self.environment}: **{self.result}**"
@@ -90,6 +93,10 @@ class Report:
             ("Health answer", f"`{self.health_answer}`" if self.health_answer else ""),
             ("Rolled back to", f"`{self.rolled_back_to}`" if self.rolled_back_to else ""),
             ("Now serving", f"`{self.serving}`" if self.serving else ""),
+            ("Failed stage", self.failed_stage if self.result not in ("completed", "superseded") else ""),
+            ("Git names now", f"`{self.git_names}`" if self.git_names else ""),
+            ("Cluster runs now", f"`{self.cluster_runs}`" if self.cluster_runs else ""),
+            ("Argo CD now", self.argocd_final),
         ]
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v]
         lines += ["", "## Stages", "", "| stage | seconds | outcome | detail |", "|---|---:|---|---|"]

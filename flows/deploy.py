@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.states import Cancelled, Failed
 
 from delivery.config import App, Environment, load_config
-from delivery.errors import DeliveryError, DeploySuperseded, RollbackError
+from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout
 from delivery.log import get_logger
-from delivery.report import Report, Stage
+from delivery.report import Report
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
-from tasks import argocd, gitops, images, probes
+from flows.common import commit_author, publish, read_back, verify, work_dir
+from tasks import gitops, images
 
 
 def _tag_for(source_ref: str, source_sha: str, default_branch: str) -> str:
@@ -42,12 +42,6 @@ def _run_name() -> str:
     return f"deploy-{p['app']}-{p['environment']}-{tag}"
 
 
-def work_dir(*parts: str) -> Path:
-    d = get_settings().work_dir.joinpath(*parts)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def _superseded_by(src_repo: Any, app: App, env: Environment, source_ref: str, source_sha: str,
                    deployed_source: str | None) -> str | None:
     """A newer commit of the same ref that is queued, running or already deployed, if any."""
@@ -59,11 +53,6 @@ def _superseded_by(src_repo: Any, app: App, env: Environment, source_ref: str, s
         if gitops.is_newer(src_repo, source_sha, sha):
             return sha
     return None
-
-
-def _commit_author() -> tuple[str, str]:
-    s = get_settings()
-    return (s.git_author_name, s.git_author_email)
 
 
 @flow(name="deploy", flow_run_name=_run_name, log_prints=False)
@@ -109,21 +98,27 @@ def deploy(
             raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
 
         lock = ensure_lock(app, environment)
-        waited = time.monotonic()
-        with concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout,
-                         lease_duration=get_settings().lock_lease_seconds):
-            report.stages.append(Stage("lock-wait", round(time.monotonic() - waited, 3)))
+        with ExitStack() as held:
+            with report.stage("lock-wait"):
+                try:
+                    held.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout,
+                                                   lease_duration=get_settings().lock_lease_seconds))
+                except TimeoutError as e:
+                    raise LockTimeout(f"the deploy lock of {app}/{environment} was not free within "
+                                      f"{lock_timeout:g} s: another deploy or rollback holds it") from e
             return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
                                   rollout_timeout, health_timeout)
     except DeploySuperseded as e:
         report.finish("superseded", str(e))
         log.info("deploy skipped: %s", e)
-        _publish(report)
+        publish(report)
         return Cancelled(message=str(e))
-    except DeliveryError as e:
+    except Exception as e:
+        # Any failure, ours or not (a Prefect API error, a bug), still ends with the report.
         if report.result == "running":
-            report.finish("failed", str(e))
-        _publish(report)
+            report.finish("failed", str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}")
+        read_back(report, a, env)
+        publish(report)
         raise
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -169,7 +164,7 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
             "bump", tag, app=a.name, environment=env.name, source_sha=report.source_sha, digest=report.digest,
             replaces=bump.old_tag, flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
         )
-        commit = gitops.commit_and_push_task(repo, [values_path], message, author=_commit_author(),
+        commit = gitops.commit_and_push_task(repo, [values_path], message, author=commit_author(),
                                              branch=a.gitops_branch)
         report.values_commit = commit.sha
         report.stages[-1].detail = "new commit" if commit.committed else "tag already in Git"
@@ -177,8 +172,8 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
 
     # From here on Git names the new tag: any failure must put the last known-good tag back.
     try:
-        _verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout, repo=repo,
-                values_path=values_path)
+        verify(report, env, commit.sha, tag, sync_timeout, rollout_timeout, health_timeout, repo=repo,
+               values_path=values_path)
     except DeliveryError as failure:
         return _roll_back_after(report, a, env, repo, failure, sync_timeout=sync_timeout,
                                 rollout_timeout=rollout_timeout, health_timeout=health_timeout)
@@ -187,26 +182,9 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
         gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=tag)
     report.serving = tag
     report.finish("completed")
-    _publish(report)
+    read_back(report, a, env, repo)
+    publish(report)
     return report.summary()
-
-
-def _verify(report: Report, env: Environment, revision: str, tag: str, sync_timeout: float,
-            rollout_timeout: float, health_timeout: float, *, repo: Any, values_path: str) -> None:
-    with report.stage("argocd-refresh"):
-        argocd.request_refresh_task(env.application, namespace=env.argocd_namespace)
-    with report.stage("argocd-sync"):
-        # Other environments and apps commit to the same GitOps branch: Argo CD may sync a newer head
-        # that still carries our tag, and that counts as ours.
-        status = argocd.wait_for_sync_task(env.application, revision, timeout=sync_timeout,
-                                           namespace=env.argocd_namespace,
-                                           carries=gitops.carries_change(repo, revision, values_path, tag))
-        report.argocd = argocd.describe(status)
-    with report.stage("rollout"):
-        probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)
-    with report.stage("health"):
-        answer = probes.probe_health_task(env.health_url, expect_version=tag, timeout=health_timeout)
-        report.health_answer = f"{answer.status_code} {answer.body}"
 
 
 def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failure: DeliveryError, *,
@@ -219,10 +197,11 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
         report.previous_tag if report.previous_tag != bad else None)
     log.error("deploy of %s failed after its values commit: %s; rolling back to %s", bad, failure, target)
     if not target:
+        read_back(report, a, env, repo)
         msg = (f"deploy of {bad} to {env.name} failed ({failure}) and there is no known-good tag to roll back to; "
-               f"Git still names {bad}")
+               f"Git names {report.git_names}, the cluster runs {report.cluster_runs}")
         report.finish("failed", msg)
-        _publish(report)
+        publish(report)
         return Failed(message=msg)
     with report.stage("rollback"):
         try:
@@ -233,28 +212,16 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
                               rollout_timeout=rollout_timeout, health_timeout=health_timeout)
             report.rolled_back_to = target
             report.serving = result.get("serving", target) if isinstance(result, dict) else target
-            msg = f"deploy of {bad} to {env.name} failed: {failure}; rolled back, now serving {report.serving}"
-        except (DeliveryError, RollbackError) as rb:
-            report.rolled_back_to = f"{target} (unverified)"
-            msg = (f"deploy of {bad} to {env.name} failed ({failure}) and the rollback to {target} could not be "
-                   f"verified either ({rb}); Git names {target}")
-        except Exception as rb:  # a crashed subflow must still end this run with a clear message
-            report.rolled_back_to = f"{target} (unverified)"
-            msg = f"deploy of {bad} to {env.name} failed ({failure}); rollback to {target} failed: {rb}"
+            outcome = "rolled back"
+        except Exception as rb:  # a refused, unverified or crashed rollback must still end this run clearly
+            report.rolled_back_to = f"{target} (not verified)"
+            outcome = f"the rollback to {target} did not complete ({rb})"
+    # Say what Git and the cluster name as read back now, not what the rollback meant them to.
+    read_back(report, a, env, repo)
+    msg = (f"deploy of {bad} to {env.name} failed: {failure}; {outcome}; "
+           f"Git names {report.git_names}, the cluster runs {report.cluster_runs}")
+    if report.serving:
+        msg += f", verified serving {report.serving}"
     report.finish("rolled-back" if report.serving else "failed", msg)
-    _publish(report)
+    publish(report)
     return Failed(message=msg)
-
-
-def _publish(report: Report) -> None:
-    """The run's report and a link to the app; skipped outside a flow run (plain calls in tests)."""
-    if not runtime.flow_run.id:
-        return
-    key = f"{report.kind}-{report.app}-{report.environment}".lower()
-    create_markdown_artifact(key=key, markdown=report.markdown(),
-                             description=f"{report.kind} of {report.tag} to {report.environment}: {report.result}")
-    if report.health_url:
-        create_link_artifact(key=f"{key}-health", link=report.health_url,
-                             link_text=f"{report.app} {report.environment} health",
-                             description="the app's health endpoint")
-

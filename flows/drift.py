@@ -20,7 +20,7 @@ from delivery.errors import DeliveryError
 from delivery.log import get_logger
 from delivery.secrets_scan import scan_tree
 from delivery.settings import get_settings
-from flows.deploy import work_dir
+from flows.common import work_dir
 from tasks import argocd, gitops, images, probes
 
 # Most important first: one row shows the worst finding, `details` lists them all.

@@ -16,7 +16,7 @@ from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import ensure_lock
 from delivery.settings import get_settings
-from flows.deploy import _commit_author, _publish, _verify, work_dir
+from flows.common import commit_author, publish, read_back, verify, work_dir
 from tasks import argocd, gitops, images
 
 
@@ -59,6 +59,7 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
                     flow_run_id=str(runtime.flow_run.id or ""), reason=reason)
     values_path = a.values_path(env.name)
     gitops_dir = work_dir(a.name, f"gitops-{env.name}")
+    repo = None
     try:
         with report.stage("gitops-checkout"):
             repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
@@ -85,19 +86,24 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
                 "rollback", target, app=a.name, environment=env.name, replaces=current, reason=reason,
                 flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
             )
-            commit = gitops.commit_and_push_task(repo, [values_path], message, author=_commit_author(),
+            commit = gitops.commit_and_push_task(repo, [values_path], message, author=commit_author(),
                                                  branch=a.gitops_branch)
             report.values_commit = commit.sha
         log.info("rollback commit %s puts %s back (was %s)", commit.sha[:12], target, current)
-        _verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout, repo=repo,
-                values_path=values_path)
+        verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout, repo=repo,
+               values_path=values_path)
         with report.stage("record-verified"):
             gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=target)
         report.serving = target
         report.finish("completed", reason)
+        read_back(report, a, env, repo)
         return report.summary()
-    except DeliveryError as e:
-        report.finish("failed", f"rollback to {report.tag or '?'} failed: {e}")
+    except Exception as e:
+        # Not only our own errors: whatever ends the run, the report says so and what Git now names.
+        what = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
+        read_back(report, a, env, repo)
+        report.finish("failed", f"rollback to {report.tag or '?'} failed: {what}; Git names {report.git_names}, "
+                                f"the cluster runs {report.cluster_runs}")
         raise RollbackError(report.reason) from e
     finally:
-        _publish(report)
+        publish(report)

@@ -357,6 +357,19 @@ def read_image_tag_at(repo: git.Repo, rev: str, path: str, key: str = "image.tag
     return _scalar_value(node, key, source)
 
 
+def remote_image_tag_in(repo: git.Repo, branch: str, path: str, key: str = "image.tag") -> str:
+    """The tag `path` names on the remote's `branch` right now: fetched, then read from that commit."""
+    _check_ref_name(branch)
+    _fetch_branch(_workdir(repo), branch)
+    return read_image_tag_at(repo, f"refs/remotes/origin/{branch}", path, key)
+
+
+def remote_image_tag(repo_url: str, branch: str, path: str, workdir: Path, key: str = "image.tag") -> str:
+    """Like `remote_image_tag_in`, for a run that has no clone of the GitOps repository yet."""
+    checkout(repo_url, branch, Path(workdir))
+    return read_image_tag(Path(workdir) / path, key)
+
+
 def _plain_is_string(value: str) -> bool:
     """True when `value` written without quotes reads back as the same string (not a number or a date)."""
     if not _PLAIN_TAG_RE.fullmatch(value):
