@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,26 @@ def _str_map(value: Any, where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+# App and environment names go into lock names, notes, trailers and run names: one word, no separator
+# those use (":" in lock names), nothing a shell, a URL or Prefect's name rules would choke on.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _check_name(name: Any, where: str) -> str:
+    text = str(name)
+    if not _NAME_RE.fullmatch(text):
+        raise ConfigError(f"{where}: name {text!r} must be 1-63 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    return text
+
+
 def parse_config(data: Any, path: Path) -> Config:
     if not isinstance(data, dict) or not isinstance(data.get("apps"), dict):
         raise ConfigError(f"{path}: expected a mapping with an 'apps' mapping at the top")
     apps: dict[str, App] = {}
     for app_name, raw in data["apps"].items():
         where = f"{path}: apps.{app_name}"
+        _check_name(app_name, where)
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping")
         missing = [k for k in _APP_REQUIRED if not raw.get(k)]
@@ -154,6 +169,7 @@ def parse_config(data: Any, path: Path) -> Config:
         envs: dict[str, Environment] = {}
         for env_name, env_raw in (raw.get("environments") or {}).items():
             ewhere = f"{where}.environments.{env_name}"
+            _check_name(env_name, ewhere)
             if not isinstance(env_raw, dict):
                 raise ConfigError(f"{ewhere}: expected a mapping")
             emissing = [k for k in _ENV_REQUIRED if not env_raw.get(k)]

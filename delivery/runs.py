@@ -22,7 +22,9 @@ ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, Stat
 
 
 def lock_name(app: str, environment: str) -> str:
-    return f"deploy-{app}-{environment}"
+    """One name per (app, environment) and never the same for two: config names cannot contain ":"
+    (`deploy-a-b-c` was both (a-b, c) and (a, b-c))."""
+    return f"deploy:{app}:{environment}"
 
 
 async def _ensure_limit(name: str) -> None:

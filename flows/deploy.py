@@ -132,7 +132,7 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     gitops_dir = work_dir(a.name, f"gitops-{env.name}")
     with report.stage("gitops-checkout"):
         repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
-    deployed_source = gitops.deployed_source_commit(repo, environment=env.name)
+    deployed_source = gitops.deployed_source_commit(repo, app=a.name, environment=env.name)
     newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source)
     if newer:
         raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, deployed or queued")
@@ -179,7 +179,7 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
                                 rollout_timeout=rollout_timeout, health_timeout=health_timeout)
 
     with report.stage("record-verified"):
-        gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=tag)
+        gitops.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=tag)
     report.serving = tag
     report.finish("completed")
     read_back(report, a, env, repo)
@@ -193,7 +193,7 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
 
     log = get_logger()
     bad = report.tag
-    target = gitops.last_verified_tag(repo, env.name, branch=a.gitops_branch, exclude={bad}) or (
+    target = gitops.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={bad}) or (
         report.previous_tag if report.previous_tag != bad else None)
     log.error("deploy of %s failed after its values commit: %s; rolling back to %s", bad, failure, target)
     if not target:

@@ -65,7 +65,7 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
             repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
             current = gitops.read_image_tag(gitops_dir / values_path)
             report.previous_tag = current
-        target = to_tag or gitops.last_verified_tag(repo, env.name, branch=a.gitops_branch, exclude={current})
+        target = to_tag or gitops.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={current})
         if not target:
             raise RollbackError(f"no known-good tag recorded for {a.name}/{env.name} other than {current}; "
                                 "give to_tag explicitly")
@@ -93,7 +93,7 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
         verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout, repo=repo,
                values_path=values_path)
         with report.stage("record-verified"):
-            gitops.record_verified_task(repo, commit.sha, environment=env.name, tag=target)
+            gitops.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=target)
         report.serving = target
         report.finish("completed", reason)
         read_back(report, a, env, repo)

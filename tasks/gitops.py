@@ -829,17 +829,35 @@ def _check_word(value: str, what: str) -> None:
         raise GitError(f"{what} {value!r} must be one word to be recorded", transient=False)
 
 
-def record_verified(repo: git.Repo, commit_sha: str, *, environment: str, tag: str, max_attempts: int = 5) -> None:
-    """Record on `commit_sha` (git note in refs/notes/delivery) that `tag` was verified in `environment`."""
+def _note_line(app: str, environment: str, tag: str, stamp: str) -> str:
+    return f"verified app={app} env={environment} tag={tag} at={stamp}"
+
+
+def _parse_note_line(line: str) -> dict[str, str] | None:
+    """`verified app=A env=E tag=T at=S` → its fields; an older line without `app=` → None: it counts
+    for no app, since in a GitOps repository shared by several apps it could be any of them."""
+    words = line.split()
+    if not words or words[0] != "verified":
+        return None
+    fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    if not fields.get("app") or not fields.get("env") or not fields.get("tag"):
+        return None
+    return fields
+
+
+def record_verified(repo: git.Repo, commit_sha: str, *, app: str, environment: str, tag: str,
+                    max_attempts: int = 5) -> None:
+    """Record on `commit_sha` (git note in refs/notes/delivery) that `app`'s `tag` was verified in `environment`."""
     workdir = _workdir(repo)
     log = get_logger()
+    _check_word(app, "app")
     _check_word(environment, "environment")
     _check_word(tag, "tag")
     if not _SHA_RE.fullmatch(commit_sha or "") or not _has_commit(workdir, commit_sha):
         raise GitError(f"commit {commit_sha} not found in {workdir}; cannot record verification", transient=False)
     env = _identity_env()
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    line = f"verified {environment} {tag} {stamp}"
+    line = _note_line(app, environment, tag, stamp)
 
     _sync_notes(workdir, env)
     existing = _run(workdir, "notes", f"--ref={NOTES_REF}", "show", commit_sha, check=False)
@@ -874,8 +892,12 @@ def _history_rev(workdir: Path, branch: str | None, *, fetch: bool) -> str:
     return "HEAD"
 
 
-def verified_tags(repo: git.Repo, environment: str, *, branch: str | None = None) -> list[tuple[str, str, str]]:
-    """(commit sha, tag, timestamp) of each verification in `environment`, newest commit first."""
+def verified_tags(repo: git.Repo, app: str, environment: str, *,
+                  branch: str | None = None) -> list[tuple[str, str, str]]:
+    """(commit sha, tag, timestamp) of each verification of `app` in `environment`, newest commit first.
+
+    The whole branch is read, not its last N commits: on a GitOps branch shared by many apps the last
+    verification of a quiet app can be hundreds of commits back."""
     workdir = _workdir(repo)
     _sync_notes(workdir, _identity_env())
     rev = _history_rev(workdir, branch, fetch=True)
@@ -885,63 +907,45 @@ def verified_tags(repo: git.Repo, environment: str, *, branch: str | None = None
     found: list[tuple[str, str, str]] = []
     for record in out.split("\x1e"):
         sha, _, note = record.strip().partition("\x1f")
+        if not note.strip():
+            continue
         entries = []
         for ln in note.splitlines():
-            words = ln.split()
-            if len(words) >= 3 and words[0] == "verified" and words[1] == environment:
-                entries.append((sha, words[2], words[3] if len(words) > 3 else ""))
+            f = _parse_note_line(ln)
+            if f and f["app"] == app and f["env"] == environment:
+                entries.append((sha, f["tag"], f.get("at", "")))
         found.extend(sorted(entries, key=lambda e: e[2], reverse=True))
     return found
 
 
 def last_verified_tag(
-    repo: git.Repo, environment: str, *, branch: str | None = None, exclude: set[str] | frozenset[str] = frozenset()
+    repo: git.Repo, app: str, environment: str, *, branch: str | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> str | None:
-    """The tag of the newest commit on the branch verified in `environment`, skipping tags in `exclude`."""
-    for _, tag, _ in verified_tags(repo, environment, branch=branch):
+    """The tag of the newest commit on the branch verified for `app` in `environment`, skipping `exclude`."""
+    for _, tag, _ in verified_tags(repo, app, environment, branch=branch):
         if tag not in exclude:
             return tag
     return None
 
 
-def find_pipeline_commit(
-    repo: git.Repo,
-    *,
-    environment: str,
-    tag: str,
-    kind: str = "values-bump",
-    since: int = 50,
-    branch: str | None = None,
-) -> str | None:
-    """The newest of the last `since` commits on the branch whose trailers say this pipeline `kind` set
-    `tag` in `environment` (no fetch: call after `checkout`). Callers still compare with the current tag."""
+def deployed_source_commit(repo: git.Repo, *, app: str, environment: str, branch: str | None = None) -> str | None:
+    """The source commit behind what Git currently deploys of `app` to `environment`: the
+    `Delivery-Source-Commit` of the newest pipeline commit (bump or rollback) for both, or None.
+
+    Git filters the history by the trailers (so the whole branch is searched, however busy), and
+    each hit is then checked by parsing its trailer block: a body line that merely mentions an app
+    must not count."""
     workdir = _workdir(repo)
     rev = _history_rev(workdir, branch, fetch=False)
-    out = _run(workdir, "log", f"-n{int(since)}", "--format=%H%x1f%B%x1e", rev).out
-    for record in out.split("\x1e"):
-        sha, _, body = record.strip().partition("\x1f")
-        t = _trailer_map(body)
-        if (
-            t.get(PIPELINE_TRAILER.lower()) == kind
-            and t.get("delivery-environment") == environment
-            and t.get("delivery-tag") == tag
-        ):
-            return sha
-    return None
-
-
-def deployed_source_commit(
-    repo: git.Repo, *, environment: str, since: int = 50, branch: str | None = None
-) -> str | None:
-    """The source commit behind what Git currently deploys to `environment`: the `Delivery-Source-Commit`
-    of the newest pipeline commit (bump or rollback) for it, or None when that is not recorded."""
-    workdir = _workdir(repo)
-    rev = _history_rev(workdir, branch, fetch=False)
-    out = _run(workdir, "log", f"-n{int(since)}", "--format=%H%x1f%B%x1e", rev).out
+    out = _run(workdir, "log", "--fixed-strings", "--all-match", f"--grep={PIPELINE_TRAILER}: ",
+               f"--grep=Delivery-App: {app}", f"--grep=Delivery-Environment: {environment}",
+               "--format=%H%x1f%B%x1e", rev).out
     for record in out.split("\x1e"):
         _, _, body = record.strip().partition("\x1f")
         t = _trailer_map(body)
-        if PIPELINE_TRAILER.lower() in t and t.get("delivery-environment") == environment:
+        ours = t.get("delivery-app") == app and t.get("delivery-environment") == environment
+        if PIPELINE_TRAILER.lower() in t and ours:
             return t.get("delivery-source-commit") or None
     return None
 
@@ -1037,5 +1041,5 @@ def commit_and_push_task(
 
 
 @task(name="record-verified", cache_policy=NO_CACHE, **_RETRIES)
-def record_verified_task(repo: git.Repo, commit_sha: str, environment: str, tag: str) -> None:
-    record_verified(repo, commit_sha, environment=environment, tag=tag)
+def record_verified_task(repo: git.Repo, commit_sha: str, app: str, environment: str, tag: str) -> None:
+    record_verified(repo, commit_sha, app=app, environment=environment, tag=tag)

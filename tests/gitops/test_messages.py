@@ -12,7 +12,6 @@ from tasks.gitops import (
     commit_message,
     commit_trailers,
     deployed_source_commit,
-    find_pipeline_commit,
     is_newer,
     is_pipeline_commit,
     open_repo,
@@ -62,27 +61,10 @@ def test_human_commits_are_not_pipeline_commits() -> None:
     assert is_pipeline_commit("x\r\n\r\nSigned-off-by: a <a@b>\r\ndelivery-pipeline: rollback\r\n")
 
 
-def test_find_pipeline_commit_finds_the_bump(remote: Path, clone_dir) -> None:
-    """The bump commit for an environment and tag is found again; other tags and envs are not matched."""
-    repo = checkout(str(remote), "main", clone_dir("a"))
-    tree = Path(repo.working_tree_dir)
-    bump_image_tag(tree / "envs/dev/values.yaml", "1.1.0")
-    pushed = commit_and_push(repo, ["envs/dev/values.yaml"],
-                             commit_message("bump", "1.1.0", app="workout-api", environment="dev"), author=AUTHOR)
-    (tree / "README.md").write_text("later human commit\n")
-    run_git(tree, "commit", "-qam", "Docs\n\nDelivery-Tag: 1.1.0")
-    run_git(tree, "push", "-q", "origin", "main")
-    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0") == pushed.sha
-    assert find_pipeline_commit(repo, environment="prod", tag="1.1.0") is None
-    assert find_pipeline_commit(repo, environment="dev", tag="1.2.0") is None
-    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0", kind="rollback") is None
-    assert find_pipeline_commit(repo, environment="dev", tag="1.1.0", since=1) is None
-
-
 def test_deployed_source_commit_reads_the_newest_pipeline_commit(remote: Path, clone_dir) -> None:
     """The source commit behind the environment's current tag comes from the newest pipeline commit for it."""
     repo = checkout(str(remote), "main", clone_dir("a"))
-    assert deployed_source_commit(repo, environment="dev") is None
+    assert deployed_source_commit(repo, app="workout-api", environment="dev") is None
     for tag, src in (("1.0.0", "a" * 40), ("1.1.0", "b" * 40)):
         bump_image_tag(Path(repo.working_tree_dir) / "envs/dev/values.yaml", tag)
         msg = commit_message("bump", tag, app="workout-api", environment="dev", source_sha=src)
@@ -90,8 +72,25 @@ def test_deployed_source_commit_reads_the_newest_pipeline_commit(remote: Path, c
     bump_image_tag(Path(repo.working_tree_dir) / "envs/prod/values.yaml", "1.1.0")
     msg = commit_message("bump", "1.1.0", app="workout-api", environment="prod", source_sha="c" * 40)
     commit_and_push(repo, ["envs/prod/values.yaml"], msg, author=AUTHOR)
-    assert deployed_source_commit(repo, environment="dev") == "b" * 40
-    assert deployed_source_commit(repo, environment="prod") == "c" * 40
+    assert deployed_source_commit(repo, app="workout-api", environment="dev") == "b" * 40
+    assert deployed_source_commit(repo, app="workout-api", environment="prod") == "c" * 40
+
+
+def test_deployed_source_commit_is_per_app(remote: Path, clone_dir) -> None:
+    """Another app's newer bump in the same environment, 60 commits later, never hides or replaces ours."""
+    repo = checkout(str(remote), "main", clone_dir("a"))
+    tree = Path(repo.working_tree_dir)
+    bump_image_tag(tree / "envs/dev/values.yaml", "1.0.0")
+    msg = commit_message("bump", "1.0.0", app="workout-api", environment="dev", source_sha="a" * 40)
+    commit_and_push(repo, ["envs/dev/values.yaml"], msg, author=AUTHOR)
+    for i in range(60):
+        (tree / "README.md").write_text(f"busy {i}\n")
+        run_git(tree, "commit", "-qam", f"other app bump {i}\n\nDelivery-Pipeline: values-bump\n"
+                f"Delivery-App: workout-api-admin\nDelivery-Environment: dev\nDelivery-Source-Commit: {'d' * 40}")
+    run_git(tree, "push", "-q", "origin", "main")
+    assert deployed_source_commit(repo, app="workout-api", environment="dev") == "a" * 40
+    assert deployed_source_commit(repo, app="workout-api-admin", environment="dev") == "d" * 40
+    assert deployed_source_commit(repo, app="workout", environment="dev") is None
 
 
 def test_is_newer_follows_the_commit_graph(remote: Path, clone_dir, tmp_path: Path) -> None:

@@ -51,11 +51,11 @@ def test_tasks_bump_commit_push_and_record_in_a_flow(prefect_harness: None, remo
         bumped = bump_image_tag_task(workdir / "envs/dev/values.yaml", "5.0.0")
         msg = commit_message("bump", "5.0.0", app="workout-api", environment="dev")
         pushed = commit_and_push_task(repo, ["envs/dev/values.yaml"], msg, author=AUTHOR)
-        record_verified_task(repo, pushed.sha, "dev", "5.0.0")
+        record_verified_task(repo, pushed.sha, "workout-api", "dev", "5.0.0")
         return pushed.sha, bumped.changed, str(source)
 
     sha, changed, source = bump_flow(clone_dir("a"), clone_dir("src"))
     assert changed and Path(source).is_dir()
     assert remote_log(remote)[0] == (sha, "chore(helm): update image tag to 5.0.0")
-    assert "verified dev 5.0.0" in run_git(remote, "notes", "--ref=delivery", "show", sha)
-    assert last_verified_tag(checkout(str(remote), "main", clone_dir("b")), "dev") == "5.0.0"
+    assert "verified app=workout-api env=dev tag=5.0.0" in run_git(remote, "notes", "--ref=delivery", "show", sha)
+    assert last_verified_tag(checkout(str(remote), "main", clone_dir("b")), "workout-api", "dev") == "5.0.0"
