@@ -43,12 +43,17 @@ def _run_name() -> str:
 
 
 def _superseded_by(src_repo: Any, app: App, env: Environment, source_ref: str, source_sha: str,
-                   deployed_source: str | None) -> str | None:
-    """A newer commit of the same ref that is queued, running or already deployed, if any."""
+                   deployed_source: str | None, *, fetch: bool = False) -> str | None:
+    """A newer commit of the same ref that is queued, running or already deployed, if any.
+
+    With `fetch`, commits our clone lacks are fetched first: the clone was made before the lock
+    wait, and a commit pushed (and deployed) since is unknown to it, so it could not be judged newer."""
     candidates = [r.source_sha for r in active_deploy_runs(app.name, env.name, runtime.flow_run.id)
                   if r.source_ref == source_ref and r.source_sha and r.source_sha != source_sha]
     if deployed_source and deployed_source != source_sha:
         candidates.append(deployed_source)
+    if fetch and candidates:
+        gitops.fetch_commits(src_repo, candidates)
     for sha in candidates:
         if gitops.is_newer(src_repo, source_sha, sha):
             return sha
@@ -133,7 +138,7 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     with report.stage("gitops-checkout"):
         repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
     deployed_source = gitops.deployed_source_commit(repo, app=a.name, environment=env.name)
-    newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source)
+    newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source, fetch=True)
     if newer:
         raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, deployed or queued")
     values_file = gitops_dir / values_path

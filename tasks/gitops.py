@@ -958,6 +958,20 @@ def open_repo(path: Path) -> git.Repo:
         raise GitError(f"{path} is not a git work tree", transient=False) from e
 
 
+def fetch_commits(repo: git.Repo, shas: list[str]) -> None:
+    """Make sure `repo` has each of `shas` (when the remote still has them): one fetch of every
+    branch first, since a newer commit of a branch is usually its tip; then by sha, which servers
+    that allow it (GitHub, protocol v2) serve even when no branch points at it any more."""
+    workdir = _workdir(repo)
+    missing = [s for s in shas if _SHA_RE.fullmatch(s or "") and not _has_commit(workdir, s)]
+    if not missing:
+        return
+    _run(workdir, "fetch", "--quiet", "origin", "+refs/heads/*:refs/remotes/origin/*", check=False)
+    for sha in missing:
+        if not _has_commit(workdir, sha) and len(sha) == 40:
+            _run(workdir, "fetch", "--quiet", "origin", sha, check=False)
+
+
 def is_newer(repo: git.Repo, sha: str, other: str) -> bool:
     """True when `other` is a descendant of `sha` in `repo`, i.e. a later commit of the same line.
 
