@@ -20,10 +20,13 @@ T = TypeVar("T")
 class Verdict:
     state: Literal["wait", "done", "failed"]
     reason: str
+    # What the loop could do to move things along (e.g. "refresh": ask for a new compare); the
+    # predicate stays pure and the loop decides whether and how often to act on it.
+    hint: str = ""
 
     @classmethod
-    def wait(cls, reason: str) -> Verdict:
-        return cls("wait", reason)
+    def wait(cls, reason: str, hint: str = "") -> Verdict:
+        return cls("wait", reason, hint)
 
     @classmethod
     def done(cls, reason: str) -> Verdict:

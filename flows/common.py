@@ -42,7 +42,9 @@ def verify(report: Report, env: Environment, revision: str, tag: str, sync_timeo
         # that still carries our tag, and that counts as ours.
         status = argocd.wait_for_sync_task(env.application, revision, timeout=sync_timeout,
                                            namespace=env.argocd_namespace,
-                                           carries=gitops.carries_change(repo, revision, values_path, tag))
+                                           carries=gitops.carries_change(repo, revision, values_path, tag),
+                                           deployment_degraded=lambda: probes.deployment_degraded(
+                                               env.deployment, env.namespace))
         report.argocd = argocd.describe(status)
     with report.stage("rollout"):
         probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)

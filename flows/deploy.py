@@ -68,7 +68,9 @@ def deploy(
     source_sha: str,
     delivery_id: str | None = None,
     received_at: str | None = None,
-    sync_timeout: float = 180.0,
+    # Above the seed policy's retry budget (5 attempts, 5 s doubling, ≤ 3 m: about 155 s plus the
+    # attempts themselves): a sync Argo CD is still retrying must not be called a timeout.
+    sync_timeout: float = 300.0,
     rollout_timeout: float = 120.0,
     health_timeout: float = 60.0,
     lock_timeout: float = 1800.0,

@@ -31,7 +31,9 @@ def rollback(
     environment: str,
     to_tag: str | None = None,
     reason: str = "",
-    sync_timeout: float = 180.0,
+    # Above the seed policy's retry budget (5 attempts, 5 s doubling, ≤ 3 m: about 155 s plus the
+    # attempts themselves): a sync Argo CD is still retrying must not be called a timeout.
+    sync_timeout: float = 300.0,
     rollout_timeout: float = 120.0,
     health_timeout: float = 60.0,
 ) -> dict[str, Any]:

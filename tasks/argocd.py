@@ -85,30 +85,48 @@ def _health_message(status: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+_RETRYING = re.compile(r"retrying attempt #\d+", re.IGNORECASE)
+# How long reconciledAt may trail the operation's finishedAt before we ask for the compare ourselves
+# instead of waiting for the next periodic refresh (120 s + up to 60 s of jitter), as Kargo does.
+REFRESH_LAG_SECONDS = 5.0
+
+
 def sync_verdict(
     application: dict[str, Any],
     revision: str,
     *,
     now: datetime | None = None,
-    degraded_grace: float = 10.0,
+    degraded_grace: float = 60.0,
     carries: Callable[[str], bool] | None = None,
+    deployment_degraded: Callable[[], str | None] | None = None,
 ) -> Verdict:
-    """Is `application` synced and healthy at `revision` (a full commit SHA)? Pure.
+    """Is `application` synced and healthy at `revision` (a full commit SHA)? Pure, given its callbacks.
 
-    `carries(r)` says whether a later revision `r` still carries our change. Several apps and
-    environments commit to one GitOps branch: when another values commit lands before Argo CD syncs
-    ours, Argo CD syncs that newer head, which includes our change. Without `carries`, only the exact
-    revision counts.
-
-    A ComparisonError/InvalidSpecError condition fails only once no refresh is pending: until the
-    controller consumes our refresh annotation the conditions may still be about the old commit.
-    Degraded/Missing right after a sync is often the new pods starting, hence `degraded_grace`.
+    Done, following what Argo CD writes (DESIGN.md, "synced and healthy at revision X"):
+    - no pending `.operation`, no operation Running (a Running one whose message says "Retrying
+      attempt #N" is a sync between retries: still running);
+    - the refresh we asked for has been consumed, so the status is a fresh compare;
+    - `sync.status == Synced` at `revision` (or at a later revision that `carries` our change). Either
+      an operation for it Succeeded, or none ran at all: when our commit renders nothing new for this
+      app (the tag was already in Git, a later head only touches another app) Argo CD runs no
+      operation and simply reports Synced at the new revision. That is done too, never a timeout;
+    - `reconciledAt >= operationState.finishedAt` when there is an operation state: the health we read
+      was assessed after the last sync (hint "refresh" when it lags for long);
+    - `health.status == Healthy`.
+    A Failed/Error operation for our revision fails. Degraded fails at once when `deployment_degraded`
+    names a Degraded Deployment (ProgressDeadlineExceeded); other kinds (an HPA briefly Degraded during
+    a rollout, argo-cd #28522) get `degraded_grace` seconds first.
     """
     now = now or datetime.now(UTC)
     status = application.get("status") or {}
     annotations = (application.get("metadata") or {}).get("annotations") or {}
+    op_state = status.get("operationState") or {}
+    phase = op_state.get("phase") or ""
+    op_revs = _operation_revisions(op_state)
+    message = str(op_state.get("message") or "")
     if application.get("operation"):
-        phase = (status.get("operationState") or {}).get("phase")
+        if phase == "Running" and _RETRYING.search(message):
+            return Verdict.wait(f"sync retrying: {message}")
         return Verdict.wait(f"sync operation {phase.lower() if phase else 'requested, not started yet'}")
     if not status:
         return Verdict.wait("no status yet")
@@ -116,53 +134,55 @@ def sync_verdict(
     def matches(revs: list[str]) -> bool:
         return revision in revs or (carries is not None and any(carries(r) for r in revs if r))
 
-    op_state = status.get("operationState") or {}
-    phase = op_state.get("phase") or ""
-    op_revs = _operation_revisions(op_state)
-    ours = matches(op_revs)
     if phase in ("Running", "Terminating"):
+        if _RETRYING.search(message):
+            return Verdict.wait(f"sync retrying: {message}")
         return Verdict.wait(f"sync operation {phase} for {_short(op_revs[0] if op_revs else None)}")
 
-    if REFRESH_ANNOTATION not in annotations:
+    refresh_pending = REFRESH_ANNOTATION in annotations
+    if not refresh_pending:
         for cond in status.get("conditions") or []:
             if cond.get("type") in _CONFIG_ERRORS:
                 return Verdict.failed(f"{cond['type']}: {cond.get('message', '')}".strip())
 
-    if phase in ("Failed", "Error"):
-        if ours:
-            return Verdict.failed(f"sync {phase.lower()} at {_short(revision)}: {op_state.get('message', '')}".strip())
-        return Verdict.wait(f"last sync operation ({phase}) was for {_short(op_revs[0] if op_revs else None)}, "
-                            f"not {_short(revision)}")
-    if phase != "Succeeded":
-        return Verdict.wait(f"no sync operation for {_short(revision)} yet")
-    result_revs = _revisions(op_state.get("syncResult"))
-    if not matches(result_revs):
-        return Verdict.wait(f"last sync was at {_short(result_revs[0] if result_revs else None)}, "
-                            f"not {_short(revision)}")
-    finished = _parse_time(op_state.get("finishedAt"))
-    if finished is None:
-        return Verdict.wait("sync operation has no finishedAt yet")
-    reconciled = _parse_time(status.get("reconciledAt"))
-    if reconciled is None or reconciled < finished:
-        return Verdict.wait("health not yet assessed after sync")
+    ours = matches(op_revs)
+    if phase in ("Failed", "Error") and ours:
+        return Verdict.failed(f"sync {phase.lower()} at {_short(revision)}: {message}".strip())
 
     sync = status.get("sync") or {}
     sync_status = sync.get("status") or "Unknown"
     sync_revs = _revisions(sync)
+    if refresh_pending:
+        return Verdict.wait(f"refresh requested, not compared yet ({sync_status} at "
+                            f"{_short(sync_revs[0] if sync_revs else None)})")
     if sync_status != "Synced" or not matches(sync_revs):
         return Verdict.wait(f"{sync_status} at {_short(sync_revs[0] if sync_revs else None)}, "
                             f"waiting for Synced at {_short(revision)}")
 
+    finished = _parse_time(op_state.get("finishedAt")) if op_state else None
+    reconciled = _parse_time(status.get("reconciledAt"))
+    if op_state and finished is None:
+        return Verdict.wait("sync operation has no finishedAt yet")
+    if finished is not None and (reconciled is None or reconciled < finished):
+        lag = (now - finished).total_seconds()
+        return Verdict.wait(f"health not yet assessed after the sync ({lag:.0f} s)",
+                            hint="refresh" if lag >= REFRESH_LAG_SECONDS else "")
+
     health = (status.get("health") or {}).get("status") or ""
+    how = "synced" if ours and phase == "Succeeded" else "already synced (no operation needed)"
     if health == "Healthy":
-        return Verdict.done(f"Synced at {_short(revision)} and Healthy")
+        return Verdict.done(f"Synced at {_short(revision)} and Healthy ({how})")
     if health in ("Degraded", "Missing"):
-        message = _health_message(status)
-        since = (now - finished).total_seconds()
+        detail = _health_message(status)
+        cause = deployment_degraded() if deployment_degraded is not None else None
+        if cause:
+            return Verdict.failed(f"{health}: {cause}")
+        since_t = finished or reconciled or now
+        since = (now - since_t).total_seconds()
         if since < degraded_grace:
             return Verdict.wait(f"{health} {since:.0f} s after sync (grace {degraded_grace:.0f} s)"
-                                + (f": {message}" if message else ""))
-        return Verdict.failed(f"{health}" + (f": {message}" if message else ""))
+                                + (f": {detail}" if detail else ""))
+        return Verdict.failed(f"{health}" + (f": {detail}" if detail else ""))
     return Verdict.wait(f"health {health or 'not reported'}")
 
 
@@ -301,10 +321,11 @@ def wait_for_sync(
     *,
     timeout: float,
     namespace: str = "argocd",
-    degraded_grace: float = 10.0,
+    degraded_grace: float = 60.0,
     kubeconfig: Path | str | None = None,
     tick: float = 1.5,
     carries: Callable[[str], bool] | None = None,
+    deployment_degraded: Callable[[], str | None] | None = None,
 ) -> AppStatus:
     """Watch the Application until it is synced and healthy at `revision` (a full 40-hex commit SHA),
     or at a later revision that `carries` our change (see `sync_verdict`).
@@ -321,10 +342,24 @@ def wait_for_sync(
     states = watch_object(_custom(kubeconfig).list_namespaced_custom_object, app, deadline=deadline, tick=tick,
                           group=GROUP, version=VERSION, namespace=namespace, plural=PLURAL)
 
+    refreshed = {"at": time.monotonic(), "count": 0}
+
     def judge(obj: dict[str, Any] | None) -> Verdict:
         if obj is None:
             return Verdict.wait("Application does not exist")
-        return sync_verdict(obj, revision, degraded_grace=degraded_grace, carries=carries)
+        verdict = sync_verdict(obj, revision, degraded_grace=degraded_grace, carries=carries,
+                               deployment_degraded=deployment_degraded)
+        # reconciledAt lags the sync: ask for the compare now rather than wait up to 180 s for the
+        # periodic one; at most every few seconds and a bounded number of times.
+        if (verdict.hint == "refresh" and refreshed["count"] < 10
+                and time.monotonic() - refreshed["at"] >= REFRESH_LAG_SECONDS):
+            refreshed["at"], refreshed["count"] = time.monotonic(), refreshed["count"] + 1
+            log.info(f"{where}: reconciledAt lags the sync; asking for a refresh again")
+            try:
+                request_refresh(app, namespace=namespace, hard=False, kubeconfig=kubeconfig)
+            except ArgoCDError as e:
+                log.warning(f"{where}: refresh request failed: {e.message}")
+        return verdict
 
     def key(obj: dict[str, Any] | None) -> tuple[str, ...]:
         if obj is None:
@@ -370,19 +405,14 @@ def request_refresh_task(app: str, namespace: str = "argocd", hard: bool = True)
 
 @task(name="wait-for-sync", cache_policy=NO_CACHE)
 def wait_for_sync_task(app: str, revision: str, timeout: float, namespace: str = "argocd",
-                       degraded_grace: float = 10.0, carries: Callable[[str], bool] | None = None) -> AppStatus:
+                       degraded_grace: float = 60.0, carries: Callable[[str], bool] | None = None,
+                       deployment_degraded: Callable[[], str | None] | None = None) -> AppStatus:
     """No retries: the wait already spans its whole timeout, and a failed sync will not heal by asking again."""
     return wait_for_sync(app, revision, timeout=timeout, namespace=namespace, degraded_grace=degraded_grace,
-                         carries=carries)
-
-
-@task(name="application-status", cache_policy=NO_CACHE, retries=2,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_retry_if_transient)
-def application_status_task(app: str, namespace: str = "argocd") -> AppStatus:
-    return application_status(app, namespace=namespace)
+                         carries=carries, deployment_degraded=deployment_degraded)
 
 
 __all__ = [
-    "AppStatus", "application_status", "application_status_task", "describe", "get_application",
+    "AppStatus", "application_status", "describe", "get_application",
     "request_refresh", "request_refresh_task", "summarize", "sync_verdict", "wait_for_sync", "wait_for_sync_task",
 ]

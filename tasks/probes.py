@@ -97,6 +97,20 @@ def read_deployment(deployment: str, namespace: str, *,
     return json.loads(resp.data)
 
 
+def deployment_degraded(deployment: str, namespace: str, *, kubeconfig: Path | str | None = None) -> str | None:
+    """Why the Deployment is Degraded the way Argo CD means it (Progressing=False with
+    ProgressDeadlineExceeded), or None: not degraded, absent, or unreadable right now (the caller
+    then falls back to its grace period rather than failing on a read error)."""
+    try:
+        dep = read_deployment(deployment, namespace, kubeconfig=kubeconfig)
+    except RolloutFailed:
+        return None
+    for cond in ((dep or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return f"Deployment {namespace}/{deployment}: ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
+    return None
+
+
 def wait_for_rollout(deployment: str, namespace: str, *, timeout: float, kubeconfig: Path | str | None = None,
                      tick: float = 1.5) -> dict[str, Any]:
     """Watch the Deployment until its rollout is complete; return replicas, image and generation."""

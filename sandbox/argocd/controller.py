@@ -131,11 +131,13 @@ class AppWorker(threading.Thread):
         # Argo CD's Application CRD has no status subresource: status is patched on the object.
         return self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name, body)
 
-    def _patch_status(self, app: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-        """Set top-level status fields to exactly `changes` (None deletes), as an update would."""
+    def _patch_status(self, app: dict[str, Any], changes: dict[str, Any],
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Set top-level status fields to exactly `changes` (None deletes), as an update would; `extra`
+        goes into the same patch (clearing `.operation`, consuming the refresh annotation)."""
         prev = app.get("status") or {}
         body = {k: model.merge_patch_for(prev.get(k), v) if v is not None else None for k, v in changes.items()}
-        return self._patch({"status": body}) or self._get()
+        return self._patch({"status": body, **(extra or {})}) or self._get()
 
     def _deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -185,21 +187,27 @@ class AppWorker(threading.Thread):
         operation = app.get("operation")
         wl = self._workload(app)
 
+        compared = False
         if level >= LATEST or self.desired is None and self.error is None:
             self._compare_with_latest(app, hard=level >= HARD)
             self.spec_key = spec_key
             self.next_full = time.monotonic() + self.ctl.interval
-            if refresh:
-                # Consumed: Argo CD removes the annotation once the refresh is done.
-                app = self._patch({"metadata": {"annotations": {model.REFRESH_ANNOTATION: None}}})
+            compared = True
 
+        synced = False
         if operation:
             self._run_operation(app, operation)
-            app = self._get()
+            app, synced = self._get(), True
         elif self.desired is not None and level >= RECENT:
-            self._auto_sync(app)
+            # A commit that renders nothing new for this app finds the live state Synced: no operation.
+            synced = self._auto_sync(app)
             app = self._get()
-        self._write_status(app, wl, compared=level >= RECENT or bool(operation))
+        if synced and not compared:
+            # Argo CD forces a CompareWithLatest refresh once an operation completes.
+            self.request(LATEST)
+        # reconciledAt moves only on a full compare against Git, and the refresh annotation is removed
+        # in the same patch as the status it produced, as Argo CD does.
+        self._write_status(app, wl, compared=compared, consume_refresh=bool(refresh) and compared)
 
     def _compare_with_latest(self, app: dict[str, Any], *, hard: bool) -> None:
         source = model.source_of(app)
@@ -225,31 +233,36 @@ class AppWorker(threading.Thread):
         sha = self.ctl.git.resolve(str(source.get("repoURL") or ""), revision)
         return sha, model.desired_state(load_values(self.ctl.git, source, sha))
 
-    def _auto_sync(self, app: dict[str, Any]) -> None:
+    def _auto_sync(self, app: dict[str, Any]) -> bool:
+        """Start and run an automated sync when one is due; True when it ran."""
         auto = model.automated(app)
         if auto is None or self.desired is None or self.revision is None:
-            return
+            return False
         namespace, name = self._destination(app)
         live = self._deployment(namespace, name)
         if model.compare(self.desired, live, ignore_replicas=model.ignores_replicas(app)) == "Synced":
-            return
+            return False
         attempted, phase = model.already_attempted(app, self.revision)
         if attempted:
             if not auto.get("selfHeal") or phase != "Succeeded":
-                return
+                return False
             finished = ((app.get("status") or {}).get("operationState") or {}).get("finishedAt")
             wait = self._since(finished)
             if wait is not None and wait < self.ctl.self_heal_interval:
                 # Argo CD's self-heal timeout: not sooner than this after the last sync.
                 self._heal_after = time.monotonic() + (self.ctl.self_heal_interval - wait)
                 self._wake.set()
-                return
+                return False
             log.info("app %s: self-healing drift back to %s", self.name, self.desired.image)
         operation = {"sync": {"revision": self.revision}, "initiatedBy": {"automated": True},
                      "retry": copy.deepcopy(((app.get("spec") or {}).get("syncPolicy") or {}).get("retry") or {})}
         if not operation["retry"]:
-            del operation["retry"]
+            # Argo CD's default for automated syncs.
+            operation["retry"] = {"limit": 5}
+        # Like Argo CD, auto-sync writes `.operation`; it is cleared only when the operation completes.
+        app = self._patch({"operation": operation})
         self._sync(app, operation)
+        return True
 
     @staticmethod
     def _since(ts: str | None) -> float | None:
@@ -263,32 +276,49 @@ class AppWorker(threading.Thread):
         return (datetime.now(UTC) - t).total_seconds()
 
     def _run_operation(self, app: dict[str, Any], operation: dict[str, Any]) -> None:
-        # Taken: the request leaves `.operation` and lives on in status.operationState.
-        self._patch({"operation": None})
+        # `.operation` stays until the operation completes (then `_sync` clears it with the final state).
         self._sync(app, operation)
 
     def _sync(self, app: dict[str, Any], operation: dict[str, Any]) -> None:
+        """Run a sync operation, retried per its `retry` policy the way Argo CD does: between attempts
+        the phase stays Running with finishedAt set and "Retrying attempt #N at ..."; exhausted, it is
+        Failed with "(retried N times)"."""
         source = model.source_of(app)
         started = model.now_iso()
         sync_req = dict(operation.get("sync") or {})
         running = model.operation_running(operation, started)
         app = self._patch_status(app, {"operationState": running})
         namespace, name = self._destination(app)
-        try:
-            revision, desired = self._desired_at(app, sync_req.get("revision"))
-        except ComparisonError as e:
-            finished = model.now_iso()
-            state = model.operation_finished(running, ok=False, message=f"ComparisonError: {e}",
-                                             revision=sync_req.get("revision") or "", source=source,
-                                             resources=[], finished=finished)
-            self._patch_status(app, {"operationState": state})
-            return
-        running["operation"].setdefault("sync", {})["revision"] = revision
-        self.images[desired.image] = revision
-        ok, message, resources = self._apply(app, namespace, name, desired)
+        retry = model.retry_policy(operation.get("retry"))
+        attempt = 0
+        while True:
+            try:
+                revision, desired = self._desired_at(app, sync_req.get("revision"))
+            except ComparisonError as e:
+                ok, message, resources, revision, desired = False, f"ComparisonError: {e}", [], \
+                    sync_req.get("revision") or "", None
+            else:
+                running["operation"].setdefault("sync", {})["revision"] = revision
+                self.images[desired.image] = revision
+                ok, message, resources = self._apply(app, namespace, name, desired)
+            if ok or attempt >= retry.limit or self._halt.is_set():
+                break
+            attempt += 1
+            delay = retry.delay(attempt)
+            retry_at = time.strftime("%H:%M:%S", time.gmtime(time.time() + delay))
+            between = dict(running, finishedAt=model.now_iso(),
+                           message=f"Retrying attempt #{attempt} at {retry_at}. {message}")
+            app = self._patch_status(app, {"operationState": between})
+            log.info("app %s: sync attempt %d failed (%s); retrying in %.0f s", self.name, attempt, message, delay)
+            self._halt.wait(delay)
+        if not ok and attempt:
+            message = f"{message} (retried {attempt} times)."
         finished = model.now_iso()
         state = model.operation_finished(running, ok=ok, message=message, revision=revision, source=source,
                                          resources=resources, finished=finished)
+        if desired is None:
+            self._patch_status(app, {"operationState": state}, extra={"operation": None})
+            return
         patch: dict[str, Any] = {"operationState": state}
         if ok:
             status = app.get("status") or {}
@@ -297,7 +327,7 @@ class AppWorker(threading.Thread):
                                                     initiated_by=operation.get("initiatedBy"))
             patch["sync"] = model.sync_status(app, "Synced" if revision == self.revision else "OutOfSync",
                                               self.revision or revision)
-        self._patch_status(app, patch)
+        self._patch_status(app, patch, extra={"operation": None})
         log.info("app %s: sync to %s %s (%s)", self.name, revision[:12], state["phase"], desired.image)
         if self.workload is not None:
             self.workload.poke()
@@ -348,7 +378,8 @@ class AppWorker(threading.Thread):
             if e.status != 409:
                 log.debug("namespace %s: create failed: %s", namespace, e.status)
 
-    def _write_status(self, app: dict[str, Any], wl: Workload, *, compared: bool) -> None:
+    def _write_status(self, app: dict[str, Any], wl: Workload, *, compared: bool,
+                      consume_refresh: bool = False) -> None:
         namespace, name = self._destination(app)
         live = self._deployment(namespace, name)
         prev = app.get("status") or {}
@@ -374,7 +405,8 @@ class AppWorker(threading.Thread):
             # reconciledAt >= operationState.finishedAt as "health is about the new sync".
             status["reconciledAt"] = model.now_iso()
             status["observedAt"] = status["reconciledAt"]
-        self._patch_status(app, status)
+        extra = {"metadata": {"annotations": {model.REFRESH_ANNOTATION: None}}} if consume_refresh else None
+        self._patch_status(app, status, extra=extra)
         if self.desired is not None and sync == "OutOfSync" and model.automated(app):
             auto = model.automated(app) or {}
             attempted, _ = model.already_attempted(app, self.revision or "")

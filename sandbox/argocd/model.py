@@ -379,3 +379,44 @@ def merge_patch_for(old: Any, new: Any) -> Any:
     for k, v in new.items():
         out[k] = merge_patch_for(old[k], v) if k in old else copy.deepcopy(v)
     return out
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """An operation's `retry` (`limit`, `backoff.duration`/`factor`/`maxDuration`), with Argo CD's defaults."""
+
+    limit: int = 0
+    duration: float = 5.0
+    factor: float = 2.0
+    max_duration: float = 180.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_duration, self.duration * self.factor ** (attempt - 1))
+
+
+def _seconds(value: Any, default: float) -> float:
+    """`"5s"`, `"3m"`, `"1h"` or a number of seconds."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        return default
+
+
+def retry_policy(retry: Mapping[str, Any] | None) -> RetryPolicy:
+    retry = retry or {}
+    backoff = retry.get("backoff") or {}
+    try:
+        limit = int(retry.get("limit") or 0)
+    except (TypeError, ValueError):
+        limit = 0
+    return RetryPolicy(limit=max(0, limit), duration=_seconds(backoff.get("duration"), 5.0),
+                       factor=float(backoff.get("factor") or 2),
+                       max_duration=_seconds(backoff.get("maxDuration"), 180.0))

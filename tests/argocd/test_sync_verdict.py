@@ -111,10 +111,10 @@ NOW = T0 + timedelta(seconds=30)
 
 CASES = [
     ("synced, healthy, at our revision after the sync", app(), "done", ""),
-    ("Synced and Healthy but at the OLD revision", app(OLD), "wait", "last sync was at 1a2b3c4"),
+    ("Synced and Healthy but at the OLD revision", app(OLD), "wait", "waiting for Synced at 9f2c1e4"),
     ("OutOfSync at our revision before any sync", app(NEW, op_revision=OLD, sync="OutOfSync"), "wait", ""),
     ("operation Succeeded but reconciledAt older than finishedAt",
-     app(reconciled=5), "wait", "health not yet assessed after sync"),
+     app(reconciled=5), "wait", "health not yet assessed after the sync"),
     ("operation Succeeded without finishedAt", with_(app(), status__operationState__finishedAt=None), "wait",
      "no finishedAt"),
     ("sync operation Running", app(phase="Running", sync="OutOfSync", health="Progressing"), "wait", "Running"),
@@ -129,7 +129,7 @@ CASES = [
      "failed", "helm template failed"),
     ("operation Failed for an older revision",
      with_(app(NEW, phase="Failed", op_revision=OLD, sync="OutOfSync"),
-           status__operationState__message="one or more objects failed to apply"), "wait", "was for 1a2b3c4"),
+           status__operationState__message="one or more objects failed to apply"), "wait", "waiting for Synced"),
     ("pending top-level operation", with_(app(), operation={"sync": {"revision": NEW}, "initiatedBy": {
         "automated": True}}), "wait", "sync operation"),
     ("ComparisonError condition",
@@ -170,6 +170,24 @@ CASES = [
                       "metadata": {"name": "workout-api-dev", "namespace": "argocd"}}, "wait", "no status"),
     ("status without operationState", {"metadata": {"name": "a"}, "status": {
         "sync": {"status": "OutOfSync", "revision": NEW}, "health": {"status": "Healthy"}}}, "wait", ""),
+    # Already synced: our commit rendered nothing new, so the last operation is an older one.
+    ("already synced: no operation for our revision, Synced at it and Healthy",
+     app(NEW, op_revision=OLD, finished=5, reconciled=20), "done", "already synced"),
+    ("already synced, never any operation", {"metadata": {"name": "a"}, "status": {
+        "sync": {"status": "Synced", "revision": NEW}, "health": {"status": "Healthy"},
+        "reconciledAt": ts(20)}}, "done", "already synced"),
+    ("already synced but our refresh not consumed yet",
+     with_(app(NEW, op_revision=OLD), metadata__annotations={"argocd.argoproj.io/refresh": "hard"}),
+     "wait", "refresh requested"),
+    ("already synced at a later revision that carries nothing of ours", app(OLD, op_revision=OLD), "wait", ""),
+    ("sync retrying between attempts (Running with finishedAt)",
+     with_(app(phase="Running", sync="OutOfSync", health="Progressing"), status__operationState__finishedAt=ts(8),
+           status__operationState__message="Retrying attempt #2 at 10:00:18. one or more objects failed to apply"),
+     "wait", "sync retrying: Retrying attempt #2"),
+    ("sync failed after its retries",
+     with_(app(phase="Failed", sync="OutOfSync"),
+           status__operationState__message="one or more objects failed to apply (retried 5 times)."),
+     "failed", "(retried 5 times)"),
 ]
 
 
@@ -179,6 +197,23 @@ def test_sync_verdict_table(doc: dict, state: str, reason: str) -> None:
     verdict = sync_verdict(doc, NEW, now=NOW, degraded_grace=10)
     assert verdict.state == state, verdict.reason
     assert reason in verdict.reason
+
+
+def test_reconciled_at_lagging_long_asks_for_a_refresh() -> None:
+    """reconciledAt behind finishedAt: a short lag just waits, a long one hints the loop to refresh."""
+    doc = app(finished=10, reconciled=5)
+    assert sync_verdict(doc, NEW, now=T0 + timedelta(seconds=12)).hint == ""
+    assert sync_verdict(doc, NEW, now=T0 + timedelta(seconds=30)).hint == "refresh"
+
+
+def test_a_degraded_deployment_fails_at_once_other_kinds_get_a_grace() -> None:
+    """ProgressDeadlineExceeded on the Deployment fails immediately; a Degraded HPA waits out its grace."""
+    doc = app(health="Degraded", finished=25, reconciled=26)
+    cause = 'Deployment dev/workout-api: ProgressDeadlineExceeded: ReplicaSet "x" has timed out progressing.'
+    failed = sync_verdict(doc, NEW, now=NOW, deployment_degraded=lambda: cause)
+    assert failed.state == "failed" and "ProgressDeadlineExceeded" in failed.reason
+    assert sync_verdict(doc, NEW, now=NOW, deployment_degraded=lambda: None).state == "wait"
+    assert sync_verdict(doc, NEW, now=T0 + timedelta(seconds=90), deployment_degraded=lambda: None).state == "failed"
 
 
 def test_degraded_grace_is_measured_from_finished_at() -> None:

@@ -151,7 +151,7 @@ def test_nothing_happening_times_out_naming_the_last_status(kube: KubeAPI) -> No
         wait_for_sync(name, NEW, timeout=3, namespace=NS, kubeconfig=kube.kubeconfig)
     text = str(exc.value)
     assert "Synced@1a2b3c4, Healthy" in text
-    assert "last sync was at 1a2b3c4" in text
+    assert "waiting for Synced at 9f2c1e4" in text
 
 
 def test_missing_application_times_out_saying_so(kube: KubeAPI) -> None:

@@ -4,6 +4,9 @@ holds the lock, that the newer commit was deployed meanwhile, and step aside."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+
+import git
 
 from delivery import runs
 from delivery.config import load_config
@@ -54,3 +57,24 @@ def test_older_run_waiting_on_the_lock_is_superseded_by_a_newer_deploy(stack, so
     subjects = [s for _, s in gitops_log(str(stack.gitops_remote), tmp_path, VALUES, n=5)]
     assert subjects[0] == f"chore(helm): update image tag to {_tag(newer)}"
     assert not any(s.endswith(_tag(older)) for s in subjects)
+
+
+def test_rerun_when_git_already_names_the_tag_is_done_without_a_rollback(stack, source, tmp_path):
+    """Tag already in Git and a later head that only touches another file: Argo CD runs no operation,
+    and the re-run still ends Completed (it used to time out and roll back a healthy release)."""
+    sha = source.commit("release-dev", note="already synced")
+    first = deploy(app=APP, environment=ENV, source_ref=REF, source_sha=sha, return_state=True, **FAST)
+    assert first.is_completed(), first.message
+    other = git.Repo.clone_from(str(stack.gitops_remote), tmp_path / "other-team", branch="main")
+    (Path(other.working_tree_dir) / "OTHER-TEAM.md").write_text(f"unrelated {sha[:7]}\n")
+    other.index.add(["OTHER-TEAM.md"])
+    actor = git.Actor("other team", "other@example.com")
+    other.index.commit("docs: another team's change", author=actor, committer=actor)
+    other.remotes.origin.push("main:main")
+    again = deploy(app=APP, environment=ENV, source_ref=REF, source_sha=sha, return_state=True,
+                   **{**FAST, "sync_timeout": 40.0})
+    assert again.is_completed(), again.message
+    env = load_config().app(APP).environment(ENV)
+    assert health(env.health_url)[1]["version"] == _tag(sha)
+    subjects = [s for _, s in gitops_log(str(stack.gitops_remote), tmp_path, VALUES, n=3)]
+    assert subjects[0] == f"chore(helm): update image tag to {_tag(sha)}"

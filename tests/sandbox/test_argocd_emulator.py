@@ -5,6 +5,7 @@ registry and real containers. Expected status shapes are Argo CD's documented on
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import docker
 import pytest
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 from delivery.settings import PROJECT_ROOT
 
@@ -600,3 +601,66 @@ def test_deleting_with_the_resources_finalizer_cascades(kube: Kube, images: Imag
         get_deployment(kube, ns, name)
     assert err.value.status == 404
     assert docker.from_env().containers.list(all=True, filters={"label": f"delivery.sandbox/application={name}"}) == []
+
+
+def _refresh(kube: Kube, name: str) -> None:
+    kube.api().patch_namespaced_custom_object(
+        GROUP, VERSION, "argocd", PLURAL, name,
+        {"metadata": {"annotations": {"argocd.argoproj.io/refresh": "hard"}}})
+
+
+def test_a_commit_that_renders_nothing_new_starts_no_operation(kube: Kube, images: Images, gitops: GitOps,
+                                                               start_emulator: Callable[..., Emulator]) -> None:
+    """A later commit that only touches another file: Synced at it, Healthy, and no new sync operation."""
+    name, ns = unique("same"), unique("ns")
+    sha1 = gitops.commit({"values.yaml": values_yaml(images.repository, "v1", replicas=1)})
+    emu = start_emulator([name])
+    create_app(kube, application(name, gitops, namespace=ns))
+    first = wait_for(lambda: get_app(kube, name), synced_healthy_at(sha1), 90, "first sync", emu)
+    sha2 = gitops.commit({"OTHER-APP.md": "another app's change\n"})
+    _refresh(kube, name)
+    app = wait_for(lambda: get_app(kube, name),
+                   lambda a: (a["status"].get("sync") or {}).get("revision") == sha2
+                   and "argocd.argoproj.io/refresh" not in (a["metadata"].get("annotations") or {}),
+                   30, "compared at the new head", emu)
+    st = app["status"]
+    assert st["sync"]["status"] == "Synced" and st["health"]["status"] == "Healthy"
+    assert st["operationState"]["syncResult"]["revision"] == sha1
+    assert len(st["history"]) == len(first["status"]["history"])
+    assert not app.get("operation")
+    assert st["reconciledAt"] >= st["operationState"]["finishedAt"]
+
+
+def test_auto_sync_sets_operation_until_it_completes(kube: Kube, images: Images, gitops: GitOps,
+                                                     start_emulator: Callable[..., Emulator]) -> None:
+    """Auto-sync writes `.operation` (automated, with a retry policy) and clears it with the final state."""
+    name, ns = unique("op"), unique("ns")
+    sha = gitops.commit({"values.yaml": values_yaml(images.repository, "v1", replicas=1)})
+    seen: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def record() -> None:
+        w = watch.Watch()
+        for ev in w.stream(kube.api().list_namespaced_custom_object, GROUP, VERSION, "argocd", PLURAL,
+                           field_selector=f"metadata.name={name}", timeout_seconds=90):
+            seen.append(copy.deepcopy(ev["object"]))
+            if done.is_set():
+                w.stop()
+
+    t = threading.Thread(target=record, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    emu = start_emulator([name])
+    create_app(kube, application(name, gitops, namespace=ns))
+    wait_for(lambda: get_app(kube, name), synced_healthy_at(sha), 90, "synced", emu)
+    done.set()
+    _refresh(kube, name)  # one more event, so the recorder notices it may stop
+    t.join(30)
+    with_op = [o for o in seen if o.get("operation")]
+    assert with_op, "no state with .operation was ever written"
+    assert all(o["operation"].get("initiatedBy", {}).get("automated") for o in with_op)
+    assert all(o["operation"].get("retry", {}).get("limit") for o in with_op)
+    # `.operation` is still there while the operation runs, and gone once it succeeded.
+    assert any((o.get("status") or {}).get("operationState", {}).get("phase") == "Running" for o in with_op)
+    assert not any((o.get("status") or {}).get("operationState", {}).get("phase") == "Succeeded"
+                   and o.get("operation") for o in seen)
