@@ -558,6 +558,8 @@ class KubeServer:
         self.store = Store(history)
         self.drop_watch_after = drop_watch_after
         self.bookmark_interval = bookmark_interval
+        # API requests served (not counting /sandbox/*): lets a test measure how hard a client polls.
+        self.requests = 0
         for ns in ("default", "kube-system"):
             self.store.create(_BY_PATH[("", "v1", "namespaces")], None, {"metadata": {"name": ns}})
 
@@ -585,6 +587,9 @@ class KubeServer:
         if path == "/sandbox/compact" and method == "POST":
             self.store.compact()
             return web.json_response({"compactedResourceVersion": str(self.store.compacted_rv)})
+        if path == "/sandbox/requests" and method == "GET":
+            return web.json_response({"requests": self.requests})
+        self.requests += 1
         discovery = self._discovery(path)
         if discovery is not None:
             return web.json_response(discovery)

@@ -131,7 +131,9 @@ def watch_object(
         finally:
             resp.release_conn()
         obj = _items_named(body, name)
-        return obj, _rv(obj) if obj is not None else ((body.get("metadata") or {}).get("resourceVersion") or None)
+        # Resume from the LIST's resourceVersion, not the object's: it is the point in time the list
+        # describes, and watching from an older object version can replay, or 410, needlessly.
+        return obj, ((body.get("metadata") or {}).get("resourceVersion") or _rv(obj))
 
     current, rv = list_now()
     yield current
@@ -143,7 +145,7 @@ def watch_object(
             return
         window = min(tick, remaining)
         w = watch.Watch()
-        kwargs: dict[str, Any] = dict(list_kwargs, field_selector=selector,
+        kwargs: dict[str, Any] = dict(list_kwargs, field_selector=selector, allow_watch_bookmarks=True,
                                       timeout_seconds=max(1, round(window)),
                                       # The client-side read timeout bounds the wait on servers that
                                       # ignore timeoutSeconds, and after a silently dead connection.

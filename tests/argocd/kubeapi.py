@@ -32,6 +32,13 @@ class KubeAPI:
         req = urllib.request.Request(f"{self.url}/sandbox/compact", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=5).close()
 
+    def requests(self) -> int:
+        """How many API requests the emulator has served so far."""
+        import json
+
+        with urllib.request.urlopen(f"{self.url}/sandbox/requests", timeout=5) as r:
+            return int(json.loads(r.read())["requests"])
+
     def ensure_namespace(self, name: str) -> None:
         with contextlib.suppress(client.ApiException):
             client.CoreV1Api(self.client()).create_namespace({"metadata": {"name": name}})

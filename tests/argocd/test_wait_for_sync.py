@@ -236,3 +236,15 @@ def test_application_status_reads_the_summary(kube: KubeAPI) -> None:
     s = application_status(name, namespace=NS, kubeconfig=kube.kubeconfig)
     assert (s.name, s.sync_status, s.sync_revision, s.health_status) == (name, "Synced", OLD, "Healthy")
     assert s.history[0]["revision"] == OLD
+
+
+def test_a_waiter_on_a_quiet_application_makes_less_than_one_request_per_second(kube: KubeAPI) -> None:
+    """Ten seconds of waiting on an Application nothing changes costs the API server < 1 request/s."""
+    name = create_app(kube)
+    before = kube.requests()
+    started = time.monotonic()
+    with pytest.raises(SyncTimeout):
+        wait_for_sync(name, NEW, timeout=10, namespace=NS, kubeconfig=kube.kubeconfig)
+    made = kube.requests() - before
+    elapsed = time.monotonic() - started
+    assert made / elapsed < 1.0, f"{made} requests in {elapsed:.1f} s"
