@@ -134,16 +134,19 @@ def render(rows: list[HistoryRow]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
-    d = dora(rows)
-
     def secs(v: float | None) -> str:
         return f"{v:.1f} s" if v is not None else "n/a"
 
-    lines += [
-        "",
-        f"Deployment frequency: {d.deployments} verified deploys ({d.per_day}/day over the window)",
-        f"Median lead time (push received → verified healthy): {secs(d.median_lead_time_s)}",
-        "Change failure rate: " + (f"{d.change_failure_rate:.0%}" if d.change_failure_rate is not None else "n/a"),
-        f"Median time to restore (failed deploy → verified rollback): {secs(d.median_time_to_restore_s)}",
-    ]
+    # The four figures are per app: two apps' deploys mixed together describe neither team.
+    for app in sorted({r.app for r in rows}) or [""]:
+        d = dora([r for r in rows if r.app == app])
+        lines += [
+            "",
+            f"DORA figures for {app or 'no app'}:",
+            f"  Deployment frequency: {d.deployments} verified deploys ({d.per_day}/day over the window)",
+            f"  Median lead time (push received → verified healthy): {secs(d.median_lead_time_s)}",
+            "  Change failure rate: "
+            + (f"{d.change_failure_rate:.0%}" if d.change_failure_rate is not None else "n/a"),
+            f"  Median time to restore (failed deploy → verified rollback): {secs(d.median_time_to_restore_s)}",
+        ]
     return "\n".join(lines)

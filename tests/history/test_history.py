@@ -49,7 +49,7 @@ def test_render_prints_the_table_and_the_four_figures(history_runs):
     assert "Deployment frequency: 1 verified deploys" in text
     assert "Change failure rate: 50%" in text
     for label in ("Median lead time", "Median time to restore"):
-        line = next(ln for ln in lines if ln.startswith(label))
+        line = next(ln for ln in lines if ln.strip().startswith(label))
         assert line.endswith(" s") and "n/a" not in line
 
 
@@ -61,3 +61,24 @@ def test_cli_prints_the_same_history(history_runs, prefect_api, tmp_path: Path):
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == history.render(_rows()).strip()
+
+
+def test_dora_figures_are_per_app():
+    """Two apps' runs in one history give each app its own four figures, never a blend of both."""
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def row(app: str, result: str, minutes: int, lead: float | None) -> history.HistoryRow:
+        return history.HistoryRow(when=t0 + timedelta(minutes=minutes), kind="deploy", app=app,
+                                  environment="dev", tag=f"{app}-{minutes}", source="abc1234", result=result,
+                                  lead_time_s=lead, rolled_back_to="", restore_s=None, run_name="r")
+
+    rows = [row("app-a", "completed", 0, 5.0), row("app-a", "completed", 10, 7.0),
+            row("app-b", "rolled-back", 5, None)]
+    assert history.dora([r for r in rows if r.app == "app-a"]).change_failure_rate == 0.0
+    text = history.render(rows)
+    a = text[text.index("DORA figures for app-a"):text.index("DORA figures for app-b")]
+    b = text[text.index("DORA figures for app-b"):]
+    assert "2 verified deploys" in a and "Change failure rate: 0%" in a and "6.0 s" in a
+    assert "0 verified deploys" in b and "Change failure rate: 100%" in b
