@@ -98,7 +98,9 @@ def test_refused_rollback_reports_the_tag_git_really_names(stack, source, tmp_pa
     # The last verified tag's image is gone from the registry (garbage-collected, say).
     work = tmp_path / "notes"
     repo = gitops.checkout(str(stack.gitops_remote), "main", work)
-    gitops.record_verified(repo, repo.head.commit.hexsha, app=APP, environment=ENV, tag="main-0ddba11")
+    (work / "GHOST.md").write_text("a later commit carrying the ghost's verification\n")
+    later = gitops.commit_and_push(repo, ["GHOST.md"], "docs: ghost", author=("t", "t@example.com"), branch="main")
+    gitops.record_verified(repo, later.sha, app=APP, environment=ENV, tag="main-0ddba11")
     bad = source.commit("main", healthy=False, note="bad after ghost")
     state = _deploy(bad)
     assert state.is_failed()
