@@ -94,7 +94,7 @@ def _assert_story(res: subprocess.CompletedProcess[str], s: DemoStack) -> None:
     assert "webhook answered 202: queued" in out
     assert "deploy ended Completed;" in out
     failed = next(ln for ln in out.splitlines() if "deploy ended Failed:" in ln)
-    assert "rolled back, now serving" in failed
+    assert "; rolled back; Git names " in failed and ", verified serving " in failed, failed
     assert "drift check: Failed: 1 of 3 app environments drifted: workout-api/dev: drifted" in out
     assert "drift check after healing: Completed" in out
     assert "when" in out and "rolled-back" in out and "completed" in out
