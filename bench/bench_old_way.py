@@ -9,7 +9,7 @@ start from "the image is in the registry":
   sandbox's GitOps remote, `git commit`, `git push`, then nothing but Argo CD's own Git poll (the
   sandbox's emulator runs at Argo CD's real default, 180 s; no refresh annotation is set) until the
   app answers the new version on its health URL;
-- new way: tasks.gitops.bump_image_tag + commit_and_push, tasks.argocd.request_refresh +
+- new way: tasks.values.bump_image_tag + commit_and_push, tasks.argocd.request_refresh +
   wait_for_sync, tasks.probes.wait_for_rollout + probe_health (what the deploy flow runs after push).
 
 And the seed's time to restore: a bad tag is committed the old way and deployed by a poll (the
@@ -121,8 +121,9 @@ def old_way_once(ctx: Ctx, clone: Path, tag: str, timeout: float = INTERVAL_S * 
 
 def new_way_once(ctx: Ctx, workdir: Path, tag: str) -> dict[str, Any]:
     from tasks.argocd import request_refresh, wait_for_sync
-    from tasks.gitops import bump_image_tag, checkout, commit_and_push
+    from tasks.gitops import checkout, commit_and_push
     from tasks.probes import probe_health, wait_for_rollout
+    from tasks.values import bump_image_tag
 
     env = ctx.env(ENV)
     a = ctx.app

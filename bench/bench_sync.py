@@ -28,7 +28,8 @@ import docker  # noqa: E402
 from delivery.config import load_config  # noqa: E402
 from delivery.settings import get_settings  # noqa: E402
 from tasks.argocd import describe, request_refresh, wait_for_sync  # noqa: E402
-from tasks.gitops import bump_image_tag, checkout, commit_and_push, read_image_tag  # noqa: E402
+from tasks.gitops import checkout, commit_and_push, read_image_tag  # noqa: E402
+from tasks.values import bump_image_tag
 
 
 def _p95(values: list[float]) -> float:

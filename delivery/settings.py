@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     # Name of a Prefect `Secret` block holding the registry password, used when the setting is empty.
     registry_password_block: str | None = None
 
-    # Token put into https Git remote URLs (`https://x-access-token:<token>@host/...`).
+    # Token for https Git remotes (and http ones on loopback). It reaches git only as an
+    # `http.<url>.extraHeader` in the child's environment: never in a URL, an argument or .git/config.
     git_token: SecretStr | None = None
     git_author_name: str = "delivery-bot"
     git_author_email: str = "delivery-bot@users.noreply.local"
@@ -44,6 +45,20 @@ class Settings(BaseSettings):
     # killed run keeps the environment locked before Prefect's repossessor frees it (the server
     # refuses leases under 60 s).
     lock_lease_seconds: float = Field(default=60, ge=60)
+
+    # Bounds of every external call. A git command (clone, fetch, push, a local one) is killed after
+    # `git_timeout_seconds`; transient git failures are retried up to `git_retry_attempts` times
+    # within `git_retry_seconds`. An image push: `push_retry_attempts` within `push_retry_seconds`.
+    git_timeout_seconds: float = Field(default=60, gt=0)
+    git_retry_attempts: int = Field(default=3, ge=1)
+    git_retry_seconds: float = Field(default=120, gt=0)
+    push_retry_attempts: int = Field(default=5, ge=1)
+    push_retry_seconds: float = Field(default=300, gt=0)
+    registry_timeout_seconds: float = Field(default=10, gt=0)
+    # One Kubernetes API request (watches use their own window plus this for the connection).
+    kube_timeout_seconds: float = Field(default=30, gt=0)
+    # One HTTP request to the app or Argo CD's server; waits retry within their own timeout.
+    http_timeout_seconds: float = Field(default=5, gt=0)
 
     # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
     kubeconfig: Path | None = None

@@ -25,7 +25,7 @@ from delivery.report import Report
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
 from flows.common import commit_author, publish, read_back, verify, work_dir
-from tasks import gitops, images
+from tasks import gitops, images, records, trailers, values
 
 
 def _tag_for(source_ref: str, source_sha: str, default_branch: str) -> str:
@@ -139,12 +139,12 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     gitops_dir = work_dir(a.name, f"gitops-{env.name}")
     with report.stage("gitops-checkout"):
         repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
-    deployed_source = gitops.deployed_source_commit(repo, app=a.name, environment=env.name)
+    deployed_source = records.deployed_source_commit(repo, app=a.name, environment=env.name)
     newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source, fetch=True)
     if newer:
         raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, deployed or queued")
     values_file = gitops_dir / values_path
-    report.previous_tag = gitops.read_image_tag(values_file)
+    report.previous_tag = values.read_image_tag(values_file)
 
     creds = images.registry_credentials(get_settings())
     # A re-run after a crash finds the image already pushed: same tag, same source commit.
@@ -166,8 +166,8 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
             report.digest = images.push_image_task(a.image, tags, credentials=creds).digest
 
     with report.stage("bump-commit-push"):
-        bump = gitops.bump_image_tag_task(values_file, tag)
-        message = gitops.commit_message(
+        bump = values.bump_image_tag_task(values_file, tag)
+        message = trailers.commit_message(
             "bump", tag, app=a.name, environment=env.name, source_sha=report.source_sha, digest=report.digest,
             replaces=bump.old_tag, flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
         )
@@ -186,7 +186,7 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
                                 rollout_timeout=rollout_timeout, health_timeout=health_timeout)
 
     with report.stage("record-verified"):
-        gitops.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=tag)
+        records.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=tag)
     report.serving = tag
     report.finish("completed")
     read_back(report, a, env, repo)
@@ -200,7 +200,7 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
 
     log = get_logger()
     bad = report.tag
-    target = gitops.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={bad}) or (
+    target = records.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={bad}) or (
         report.previous_tag if report.previous_tag != bad else None)
     log.error("deploy of %s failed after its values commit: %s; rolling back to %s", bad, failure, target)
     if not target:

@@ -21,7 +21,7 @@ from delivery.log import get_logger
 from delivery.secrets_scan import scan_tree
 from delivery.settings import get_settings
 from flows.common import work_dir
-from tasks import argocd, gitops, images, probes
+from tasks import argocd, gitops, images, probes, values
 
 # Most important first: one row shows the worst finding, `details` lists them all.
 RESULTS = ("secret-in-git", "missing-image", "drifted", "degraded", "out-of-sync", "in-sync")
@@ -117,7 +117,7 @@ def collect_drift(cfg: Config, names: list[str], *, heal: bool = False) -> list[
         secrets = _secret_findings(d, app)
         for env in app.environments.values():
             try:
-                tag = gitops.read_image_tag(d / app.values_path(env.name))
+                tag = values.read_image_tag(d / app.values_path(env.name))
                 application = argocd.read_application(env.application, namespace=env.argocd_namespace)
                 row = assess(
                     app, env, git_tag=tag, git_head=head,

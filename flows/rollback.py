@@ -17,7 +17,7 @@ from delivery.report import Report
 from delivery.runs import ensure_lock
 from delivery.settings import get_settings
 from flows.common import commit_author, publish, read_back, verify, work_dir
-from tasks import argocd, gitops, images
+from tasks import argocd, gitops, images, records, trailers, values
 
 
 def _run_name() -> str:
@@ -65,9 +65,9 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
     try:
         with report.stage("gitops-checkout"):
             repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, gitops_dir)
-            current = gitops.read_image_tag(gitops_dir / values_path)
+            current = values.read_image_tag(gitops_dir / values_path)
             report.previous_tag = current
-        target = to_tag or gitops.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={current})
+        target = to_tag or records.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={current})
         if not target:
             raise RollbackError(f"no known-good tag recorded for {a.name}/{env.name} other than {current}; "
                                 "give to_tag explicitly")
@@ -83,8 +83,8 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
             except ArgoCDError as e:
                 raise RollbackError(f"{e.message}; nothing was changed") from e
         with report.stage("bump-commit-push"):
-            gitops.bump_image_tag_task(gitops_dir / values_path, target)
-            message = gitops.commit_message(
+            values.bump_image_tag_task(gitops_dir / values_path, target)
+            message = trailers.commit_message(
                 "rollback", target, app=a.name, environment=env.name, replaces=current, reason=reason,
                 flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
             )
@@ -95,7 +95,7 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
         verify(report, env, commit.sha, target, sync_timeout, rollout_timeout, health_timeout, repo=repo,
                values_path=values_path)
         with report.stage("record-verified"):
-            gitops.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=target)
+            records.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=target)
         report.serving = target
         report.finish("completed", reason)
         read_back(report, a, env, repo)

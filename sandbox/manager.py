@@ -273,7 +273,7 @@ def _set_values(values: Path, repository: str, progress_deadline: float | None) 
 
 def _set_tag(values: Path, tag: str) -> None:
     try:
-        from tasks.gitops import bump_image_tag
+        from tasks.values import bump_image_tag
     except ImportError:
         bump_image_tag = None
     if bump_image_tag is not None:

@@ -17,7 +17,7 @@ from delivery.config import Config
 from delivery.errors import ConfigError, WebhookError
 
 # The same trailer rule the GitOps commits are written with: our own pushes must not deploy again.
-from tasks.gitops import PIPELINE_TRAILER, is_pipeline_commit
+from tasks.trailers import PIPELINE_TRAILER, is_pipeline_commit
 
 MAX_BODY_BYTES = 1024 * 1024
 # GitHub gives up after 10 s; leave room for reading the body and answering.

@@ -12,6 +12,7 @@ import pytest
 
 from flows.deploy import deploy
 from tasks import gitops
+from tasks import values as values_mod
 from tests.faults.conftest import FAST, FaultEnv, SourceClone, app_version, remote_file, remote_head, remote_log
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker, pytest.mark.sandbox]
@@ -54,7 +55,7 @@ def test_concurrent_commit_between_bump_and_push_is_rebased(settings_of: FaultEn
     fe = settings_of
     ours = gitops.checkout(str(fe.gitops), "main", tmp_path / "ours")
     values = fe.values("prod")
-    bump = gitops.bump_image_tag(tmp_path / "ours" / values, "race-test-1")
+    bump = values_mod.bump_image_tag(tmp_path / "ours" / values, "race-test-1")
     assert bump.changed
 
     other = git.Repo.clone_from(str(fe.gitops), tmp_path / "other", branch="main")
@@ -74,6 +75,6 @@ def test_concurrent_commit_between_bump_and_push_is_rebased(settings_of: FaultEn
     assert "maintenance window" in remote_file(fe.gitops, "argocd/NOTES.md")
     assert remote_log(fe.gitops, values)[0] == (result.sha, "chore(helm): update image tag to race-test-1")
     # Put prod's tag back so the Argo CD emulator never tries to run the made-up tag.
-    gitops.bump_image_tag(tmp_path / "ours" / values, bump.old_tag)
+    values_mod.bump_image_tag(tmp_path / "ours" / values, bump.old_tag)
     gitops.commit_and_push(ours, [values], f"chore(helm): update image tag to {bump.old_tag}",
                            author=("delivery-bot", "bot@example.com"), branch="main")

@@ -15,7 +15,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from delivery.config import load_config
 from delivery.runs import ensure_lock
 from flows.deploy import deploy
-from tasks import gitops, images
+from tasks import gitops, images, records, values
 from tests.flows.conftest import health
 
 APP, ENV, REF = "workout-api", "staging", "refs/heads/main"
@@ -42,7 +42,7 @@ def _report(key: str = f"deploy-{APP}-{ENV}") -> str:
 
 def _git_tag(stack, tmp_path) -> str:
     clone = git.Repo.clone_from(str(stack.gitops_remote), tmp_path / "gitops-read", branch="main")
-    return gitops.read_image_tag(clone.working_tree_dir + "/" + VALUES)
+    return values.read_image_tag(clone.working_tree_dir + "/" + VALUES)
 
 
 def _deploy(sha: str, **kw):
@@ -100,7 +100,7 @@ def test_refused_rollback_reports_the_tag_git_really_names(stack, source, tmp_pa
     repo = gitops.checkout(str(stack.gitops_remote), "main", work)
     (work / "GHOST.md").write_text("a later commit carrying the ghost's verification\n")
     later = gitops.commit_and_push(repo, ["GHOST.md"], "docs: ghost", author=("t", "t@example.com"), branch="main")
-    gitops.record_verified(repo, later.sha, app=APP, environment=ENV, tag="main-0ddba11")
+    records.record_verified(repo, later.sha, app=APP, environment=ENV, tag="main-0ddba11")
     bad = source.commit("main", healthy=False, note="bad after ghost")
     state = _deploy(bad)
     assert state.is_failed()

@@ -10,7 +10,9 @@ import pytest
 
 from delivery.errors import GitError, GitPushError
 from delivery.settings import Settings
-from tasks.gitops import bump_image_tag, checkout, commit_and_push, commit_message, read_image_tag
+from tasks.gitops import checkout, commit_and_push
+from tasks.trailers import commit_message
+from tasks.values import bump_image_tag, read_image_tag
 from tests.gitops.conftest import AUTHOR, remote_log, run_git
 
 
@@ -153,9 +155,12 @@ def test_token_never_appears_in_logs_or_errors(remote: Path, clone_dir, caplog: 
     texts = []
     with pytest.raises(GitError) as err:
         checkout(url, "main", clone_dir("https"))
-    assert err.value.transient
+    # Refused before git runs: a token in the URL would be in git's argv and in .git/config.
+    assert not err.value.transient and "DELIVERY_GIT_TOKEN" in str(err.value)
+    assert not clone_dir("https").exists() or not any(clone_dir("https").iterdir())
     texts.append(str(err.value))
 
+    # A clone an older version left with a token in its URL: the push error still masks it.
     repo = checkout(str(remote), "main", clone_dir("a"))
     run_git(Path(repo.working_tree_dir), "remote", "set-url", "origin", url)
     values, msg = bump(repo, "dev", "1.1.0")
@@ -181,7 +186,8 @@ def test_carries_change_follows_later_commits_that_keep_our_tag(tmp_path):
     """A later commit on top of ours carries our change while the values file still names our tag."""
     import git as _git
 
-    from tasks.gitops import bump_image_tag, carries_change, commit_and_push
+    from tasks.gitops import carries_change, commit_and_push
+    from tasks.values import bump_image_tag
 
     bare = tmp_path / "remote.git"
     _git.Repo.init(bare, bare=True, initial_branch="main")

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.gitops import (
-    bump_image_tag,
-    checkout,
-    checkout_commit,
-    commit_and_push,
-    commit_message,
-    commit_trailers,
-    deployed_source_commit,
-    is_newer,
-    is_pipeline_commit,
-    open_repo,
-)
+from tasks.gitops import checkout, checkout_commit, commit_and_push, is_newer, open_repo
+from tasks.records import deployed_source_commit
+from tasks.trailers import commit_message, commit_trailers, is_pipeline_commit
+from tasks.values import bump_image_tag
 from tests.gitops.conftest import AUTHOR, run_git
 
 

@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from delivery.errors import GitError
-from tasks.gitops import (
-    bump_image_tag,
-    checkout,
-    commit_and_push,
-    commit_message,
-    last_verified_tag,
-    record_verified,
-    verified_tags,
-)
+from tasks.gitops import checkout, commit_and_push
+from tasks.records import last_verified_tag, record_verified, verified_tags
+from tasks.trailers import commit_message
+from tasks.values import bump_image_tag
 from tests.gitops.conftest import AUTHOR, run_git
 
 APP = "workout-api"

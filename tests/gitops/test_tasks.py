@@ -10,17 +10,12 @@ from prefect import flow
 from prefect.states import Failed
 
 from delivery.errors import GitError, GitPushError, ValuesError
-from tasks.gitops import (
-    _retry_if_transient,
-    bump_image_tag_task,
-    checkout,
-    checkout_commit_task,
-    checkout_task,
-    commit_and_push_task,
-    commit_message,
-    last_verified_tag,
-    record_verified_task,
-)
+from delivery.retries import retry_if_transient as _retry_if_transient
+from delivery.retries import with_retries
+from tasks.gitops import checkout, checkout_commit_task, checkout_task, commit_and_push_task
+from tasks.records import last_verified_tag, record_verified_task
+from tasks.trailers import commit_message
+from tasks.values import bump_image_tag_task
 from tests.gitops.conftest import AUTHOR, remote_log, run_git
 
 
@@ -36,9 +31,45 @@ def test_retry_condition_only_retries_transient_errors() -> None:
     assert not _retry_if_transient(None, None, Failed(data=GitPushError("hook declined", transient=False)))
     assert not _retry_if_transient(None, None, Failed(data=ValuesError("no key")))
     assert not _retry_if_transient(None, None, Failed(data=ValueError("bug")))
-    assert commit_and_push_task.retries == 2 and commit_and_push_task.retry_jitter_factor
+    # One retry layer: the functions bound their own retries, so the tasks must not add Prefect's on top.
+    for t in (checkout_task, checkout_commit_task, commit_and_push_task, record_verified_task, bump_image_tag_task):
+        assert not t.retries, t.name
     assert (checkout_task.name, bump_image_tag_task.name, commit_and_push_task.name, record_verified_task.name) == (
         "checkout", "bump-image-tag", "commit-and-push", "record-verified")
+
+
+def test_with_retries_bounds_attempts_and_names_them() -> None:
+    """Transient errors are retried up to the bound; the final error says how many attempts in how long."""
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        raise GitError("connection refused", transient=True)
+
+    with pytest.raises(GitError) as err:
+        with_retries(flaky, what="fetch of origin", attempts=3, seconds=30, base=0.01)
+    assert len(calls) == 3
+    assert "fetch of origin gave up after 3 attempt(s)" in str(err.value) and "connection refused" in str(err.value)
+
+    calls.clear()
+
+    def final() -> str:
+        calls.append(1)
+        raise GitPushError("hook declined", transient=False)
+
+    with pytest.raises(GitPushError, match="hook declined"):
+        with_retries(final, what="push", attempts=5, seconds=30, base=0.01)
+    assert len(calls) == 1
+
+    seen = iter([GitError("timed out", transient=True), None])
+
+    def once_then_ok() -> str:
+        e = next(seen)
+        if e:
+            raise e
+        return "ok"
+
+    assert with_retries(once_then_ok, what="clone", attempts=2, seconds=30, base=0.01) == "ok"
 
 
 def test_tasks_bump_commit_push_and_record_in_a_flow(prefect_harness: None, remote: Path, clone_dir) -> None:

@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 
 from delivery.errors import ValuesError
-from tasks.gitops import (
-    bump_image_tag,
-    checkout,
-    commit_and_push,
-    commit_message,
-    read_image_tag,
-    read_image_tag_at,
-)
+from tasks.gitops import checkout, commit_and_push, read_image_tag_at
+from tasks.trailers import commit_message
+from tasks.values import bump_image_tag, read_image_tag
 from tests.gitops.conftest import AUTHOR, HERE, run_git
 
 

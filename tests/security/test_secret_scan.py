@@ -1,14 +1,19 @@
 """Known secret values configured for real (registry password, webhook secret, Git token) go through
 representative flows: a deploy on the sandbox, a registry push with credentials (and one with a wrong
-password), Git over an https remote carrying the token (and one that fails), and a webhook delivery.
-Then every captured log line, every Prefect log, artifact and flow-run parameter, and every commit
-(message, notes and file contents) of the repositories involved is scanned: zero hits."""
+password), Git over a token-authenticated HTTP remote (and one that fails), and a webhook delivery.
+Then every captured log line, every Prefect log, artifact and flow-run parameter, every commit
+(message, notes and file contents) of the repositories involved, the argv of every child process
+sampled during the run, and every file under the work directories and the sandbox state is scanned:
+zero hits."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,9 @@ from delivery.settings import get_settings
 from deployments.webhook import PrefectStarter, create_app
 from flows.deploy import deploy
 from sandbox.manager import IMAGE_REPOSITORY
-from tasks import gitops, images
+from tasks import gitops, images, values
 from tests.faults.conftest import OwnRegistry
+from tests.git_http import GitHttpServer
 from tests.source_clone import SourceClone
 from tests.webhook.helpers import ServerThread, deploy_stub, make_config, payload, signed_headers
 
@@ -57,11 +63,11 @@ def push_with_credentials(image: str, tag: str) -> str:
 
 
 @flow(name="secret-scan-git")
-def git_over_https(url: str, unreachable: str, workdir: str) -> str:
+def git_over_http(url: str, unreachable: str, workdir: str) -> str:
     repo = gitops.checkout_task(url, "main", Path(workdir))
-    values = "helm/workout-api/values-staging.yaml"
-    gitops.bump_image_tag_task(Path(workdir) / values, "secret-scan-1")
-    result = gitops.commit_and_push_task(repo, [values], "chore(helm): update image tag to secret-scan-1",
+    path = "helm/workout-api/values-staging.yaml"
+    values.bump_image_tag_task(Path(workdir) / path, "secret-scan-1")
+    result = gitops.commit_and_push_task(repo, [path], "chore(helm): update image tag to secret-scan-1",
                                          author=("delivery-bot", "bot@example.com"), branch="main")
     try:
         gitops.checkout(unreachable, "main", Path(workdir + "-unreachable"))
@@ -98,6 +104,56 @@ async def _everything_in_prefect(run_ids: list[Any]) -> list[tuple[str, str]]:
     return out
 
 
+class ChildArgvSampler(threading.Thread):
+    """Samples `/proc/<pid>/cmdline` of every descendant of this process, every few milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.argv: set[str] = set()
+        self.seen = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._stop_event.is_set():
+            parents: dict[int, int] = {}
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit():
+                    try:
+                        parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    except (OSError, IndexError, ValueError):
+                        continue
+            for pid in parents:
+                p, hops = pid, 0
+                while p > 1 and p != me and hops < 50:
+                    p, hops = parents.get(p, 0), hops + 1
+                if p == me and pid != me:
+                    try:
+                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+                    except OSError:
+                        continue
+                    if argv:
+                        self.seen += 1
+                        self.argv.add(argv)
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def _files_under(*roots: Path, limit: int = 64 * 1024 * 1024) -> dict[Path, bytes]:
+    out: dict[Path, bytes] = {}
+    for root in roots:
+        for f in root.rglob("*"):
+            try:
+                if f.is_file() and not f.is_symlink() and f.stat().st_size <= limit:
+                    out[f] = f.read_bytes()
+            except OSError:
+                continue
+    return out
+
+
 def _git_everything(repo: Path) -> str:
     """Every commit message, note and file content reachable from any ref, as one text."""
     return subprocess.run(["git", "log", "--all", "-p", "--binary", "--format=%H%n%B%n%N"], cwd=repo,
@@ -116,6 +172,8 @@ def test_no_secret_anywhere(sandbox, prefect_api: str, tmp_path: Path, monkeypat
     get_settings.cache_clear()
     run_ids: list[Any] = []
     texts: list[tuple[str, str]] = []
+    sampler = ChildArgvSampler()
+    sampler.start()
 
     # 1. A deploy on the sandbox, with every secret configured.
     src = SourceClone(str(sandbox.source_remote), tmp_path / "src")
@@ -145,17 +203,17 @@ def test_no_secret_anywhere(sandbox, prefect_api: str, tmp_path: Path, monkeypat
     finally:
         reg.kill()
 
-    # 3. Git over an https URL carrying the token (git rewrites it to a local bare repository).
+    # 3. Git over a token-authenticated HTTP remote (git http-backend behind basic auth), and one
+    #    that refuses the connection.
     bare = tmp_path / "org" / "gitops.git"
     git.Repo.clone_from(str(sandbox.gitops_remote), bare, bare=True)
-    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
-    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.{tmp_path / 'org'}/.insteadOf")
-    monkeypatch.setenv("GIT_CONFIG_VALUE_0", f"https://x-access-token:{GIT_TOKEN}@git.example.invalid/org/")
-    st = git_over_https("https://git.example.invalid/org/gitops.git", "https://127.0.0.1:9/org/none.git",
-                        str(tmp_path / "https-clone"), return_state=True)
+    with GitHttpServer(bare.parent, GIT_TOKEN) as server:
+        st = git_over_http(server.url("gitops.git"), "http://127.0.0.1:9/org/none.git",
+                           str(tmp_path / "work" / "http-clone"), return_state=True)
     assert st.is_completed(), st.message
+    assert server.requests > 0, "the token opened the remote"
     run_ids.append(st.state_details.flow_run_id)
-    assert "secret-scan-1" in _git_everything(bare), "the push over the https URL went through"
+    assert "secret-scan-1" in _git_everything(bare), "the push over HTTP went through"
 
     # 4. A signed webhook delivery that creates a run (of a stand-in deployment, deleted afterwards).
     dep_name = f"secret-scan-{uuid.uuid4().hex[:6]}"
@@ -188,5 +246,14 @@ def test_no_secret_anywhere(sandbox, prefect_api: str, tmp_path: Path, monkeypat
         texts.append((f"commits of {repo.name}", _git_everything(repo)))
     assert sum(1 for what, _ in texts if what.startswith("log of run")) > 20, "the runs' logs were read"
 
+    # Every child process seen during the run (git, docker, helm, ...): its argv.
+    sampler.stop()
+    assert sampler.seen > 10 and any(a.startswith("git\0") for a in sampler.argv), "children were sampled"
+    texts += [("argv of a child process", a.replace("\0", " ")) for a in sampler.argv]
+    # Every file under the work directories and the sandbox state.
+    files = _files_under(tmp_path / "work", Path(sandbox.root))
+    assert len(files) > 50, "the work directories and the sandbox state were read"
     hits = [f"{name} in {what}" for what, text in texts for name, value in SECRETS.items() if value in text]
+    hits += [f"{name} in file {f}" for f, data in files.items() for name, value in SECRETS.items()
+             if value.encode() in data]
     assert hits == []
