@@ -49,7 +49,8 @@ def verify(report: Report, env: Environment, revision: str, tag: str, sync_timeo
     with report.stage("rollout"):
         probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)
     with report.stage("health"):
-        answer = probes.probe_health_task(env.health_url, expect_version=tag, timeout=health_timeout)
+        answer = probes.probe_health_task(env.health_url, expect_version=tag, timeout=health_timeout,
+                                         request_timeout=get_settings().http_timeout_seconds)
         report.health_answer = f"{answer.status_code} {answer.body}"
 
 

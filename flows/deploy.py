@@ -200,8 +200,14 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
 
     log = get_logger()
     bad = report.tag
-    target = records.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={bad}) or (
-        report.previous_tag if report.previous_tag != bad else None)
+    try:
+        known_good = records.last_verified_tag(repo, a.name, env.name, branch=a.gitops_branch, exclude={bad})
+    except DeliveryError as e:
+        # Git failing too (a hang, say) must not skip the rollback: the tag this run replaced is the
+        # best target left, and the rollback reports for itself whether Git let it through.
+        log.warning("cannot read the verification records (%s); rolling back to the replaced tag", e)
+        known_good = None
+    target = known_good or (report.previous_tag if report.previous_tag != bad else None)
     log.error("deploy of %s failed after its values commit: %s; rolling back to %s", bad, failure, target)
     if not target:
         read_back(report, a, env, repo)

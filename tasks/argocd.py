@@ -28,7 +28,7 @@ from delivery.log import get_logger
 from delivery.redact import redact
 from delivery.retries import retry_if_transient as _retry_if_transient
 from delivery.waits import Verdict, follow
-from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, watch_object
+from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, request_timeout, watch_object
 
 GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "applications"
 REFRESH_ANNOTATION = "argocd.argoproj.io/refresh"
@@ -265,7 +265,7 @@ def request_refresh(app: str, *, namespace: str = "argocd", hard: bool = True,
     body = {"metadata": {"annotations": {REFRESH_ANNOTATION: "hard" if hard else "normal"}}}
     try:
         _custom(kubeconfig).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, app, body, _request_timeout=(5, 30),
+            GROUP, VERSION, namespace, PLURAL, app, body, _request_timeout=request_timeout(),
             _content_type="application/merge-patch+json")
     except (ApiException, *STREAM_ERRORS) as e:
         raise _translate(e, f"refresh of {what}") from e
@@ -275,7 +275,7 @@ def request_refresh(app: str, *, namespace: str = "argocd", hard: bool = True,
 def get_application(app: str, *, namespace: str = "argocd", kubeconfig: Path | str | None = None) -> dict[str, Any]:
     try:
         return _custom(kubeconfig).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, app, _request_timeout=(5, 30))
+            GROUP, VERSION, namespace, PLURAL, app, _request_timeout=request_timeout())
     except (ApiException, *STREAM_ERRORS) as e:
         raise _translate(e, f"Argo CD Application {app!r} in namespace {namespace!r}") from e
 
@@ -304,7 +304,7 @@ def request_sync(app: str, *, namespace: str = "argocd", revision: str | None = 
             "metadata": {"annotations": {REFRESH_ANNOTATION: "hard"}}}
     try:
         _custom(kubeconfig).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, app, body, _request_timeout=(5, 30),
+            GROUP, VERSION, namespace, PLURAL, app, body, _request_timeout=request_timeout(),
             _content_type="application/merge-patch+json")
     except (ApiException, *STREAM_ERRORS) as e:
         raise _translate(e, f"sync of {what}") from e

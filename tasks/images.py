@@ -31,14 +31,13 @@ import urllib3
 from docker.errors import APIError, DockerException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 from pydantic import SecretStr
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception
 
 from delivery.errors import BuildError, ConfigError, DeliveryError, PushError, RegistryError
 from delivery.log import get_logger
 from delivery.redact import redact, register_secret
-from delivery.retries import retry_if_transient as _retry_if_transient
+from delivery.settings import get_settings
 
 # ---------------------------------------------------------------------------------------------
 # Tag scheme
@@ -609,14 +608,18 @@ def _wait_within(deadline: float, initial: float = 0.5, cap: float = 8.0):
 
 
 def push_image(repository: str, tags: list[str], *, credentials: RegistryCredentials | None = None,
-               max_attempts: int = 5, max_seconds: float = 60) -> PushedImage:
+               max_attempts: int | None = None, max_seconds: float | None = None) -> PushedImage:
     """Push every tag of a built image, then check the registry serves the pushed digest.
 
     Transient failures (engine or registry unreachable, timeouts, 5xx) are retried with
-    exponential backoff and jitter, bounded by `max_attempts` and `max_seconds` together;
-    unauthorized / denied / not found fail at once.
+    exponential backoff and jitter, bounded by `max_attempts` and `max_seconds` together (default:
+    the `push_retry_attempts` / `push_retry_seconds` settings); unauthorized / denied / not found
+    fail at once. This is the push's only retry layer.
     """
     log = get_logger()
+    settings = get_settings()
+    max_attempts = settings.push_retry_attempts if max_attempts is None else max_attempts
+    max_seconds = settings.push_retry_seconds if max_seconds is None else max_seconds
     _check_repository(repository)
     tags = _check_tags(tags)
     if max_attempts < 1 or max_seconds <= 0:
@@ -692,21 +695,15 @@ def build_image_task(context_dir: Path, repository: str, tags: list[str], docker
                        labels=labels, revision=revision, source=source)
 
 
-@task(name="push-image", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+@task(name="push-image", cache_policy=NO_CACHE)
 def push_image_task(repository: str, tags: list[str], credentials: RegistryCredentials | None = None,
-                    max_attempts: int = 5, max_seconds: float = 60) -> PushedImage:
+                    max_attempts: int | None = None, max_seconds: float | None = None) -> PushedImage:
+    """No task retries: `push_image` is the one retry layer, bounded by the `push_retry_*` settings."""
     return push_image(repository, tags, credentials=credentials, max_attempts=max_attempts, max_seconds=max_seconds)
-
-
-@task(name="image-exists", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=1),
-      retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
-def image_exists_task(repository: str, tag: str, credentials: RegistryCredentials | None = None) -> bool:
-    return image_exists(repository, tag, credentials=credentials)
 
 
 __all__ = [
     "BuiltImage", "PushedImage", "RegistryCredentials", "build_image", "build_image_task", "classify_push_error",
-    "image_exists", "image_exists_task", "image_tags", "manifest_digest", "push_image", "push_image_task",
+    "image_exists", "image_tags", "manifest_digest", "push_image", "push_image_task",
     "registry_credentials", "sanitize_tag", "split_repository",
 ]

@@ -32,6 +32,12 @@ _clients_lock = threading.Lock()
 STREAM_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
+def request_timeout() -> tuple[float, float]:
+    """(connect, read) seconds for one API request, from `kube_timeout_seconds`."""
+    t = get_settings().kube_timeout_seconds
+    return (min(5.0, t), t)
+
+
 def resolve_kubeconfig(kubeconfig: Path | str | None = None) -> Path | None:
     """The kubeconfig to use: the explicit one, else the settings' (which fall back to the sandbox's)."""
     if kubeconfig:
@@ -125,7 +131,7 @@ def watch_object(
     def list_now() -> tuple[dict[str, Any] | None, str | None]:
         remaining = max(1.0, deadline - time.monotonic())
         resp = list_fn(**list_kwargs, field_selector=selector, _preload_content=False,
-                       _request_timeout=(5, min(30.0, remaining + 5)))
+                       _request_timeout=(request_timeout()[0], min(request_timeout()[1], remaining + 5)))
         try:
             body = json.loads(resp.data or b"{}")
         finally:
@@ -149,7 +155,7 @@ def watch_object(
                                       timeout_seconds=max(1, round(window)),
                                       # The client-side read timeout bounds the wait on servers that
                                       # ignore timeoutSeconds, and after a silently dead connection.
-                                      _request_timeout=(5, window + 1.0))
+                                      _request_timeout=(request_timeout()[0], window + 1.0))
         if rv:
             kwargs["resource_version"] = rv
         stream_started = time.monotonic()

@@ -22,7 +22,7 @@ from delivery.errors import HealthCheckFailed, RolloutFailed
 from delivery.log import get_logger
 from delivery.redact import redact
 from delivery.waits import Verdict, follow
-from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, watch_object
+from tasks.kube import STREAM_ERRORS, api_client, api_error_text, is_transient, request_timeout, watch_object
 
 # ---------------------------------------------------------------------------------------------
 # Deployment rollout
@@ -85,7 +85,7 @@ def read_deployment(deployment: str, namespace: str, *,
     apps = client.AppsV1Api(api_client(kubeconfig))
     try:
         resp = apps.read_namespaced_deployment(deployment, namespace, _preload_content=False,
-                                               _request_timeout=(5, 30))
+                                               _request_timeout=request_timeout())
     except ApiException as e:
         if e.status == 404:
             return None
@@ -183,17 +183,6 @@ def _proxy_target(namespace: str, service: str, port: int | str, path: str,
     verify: Any = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
     return _Target(cfg.host.rstrip("/") + _proxy_path(namespace, service, port, path), headers, verify, cert)
-
-
-def service_proxy_url(namespace: str, service: str, port: int | str, path: str = "/api/health/", *,
-                      kubeconfig: Path | str | None = None) -> tuple[str, dict[str, str]]:
-    """URL and auth headers to reach a Service through the Kubernetes API server's service proxy.
-
-    For apps with no public URL. TLS settings (CA, client certificate) come from the kubeconfig too
-    and are applied by `probe_health` when it is given a `kube-proxy://` URL.
-    """
-    target = _proxy_target(namespace, service, port, path, kubeconfig)
-    return target.url, target.headers
 
 
 def parse_kube_proxy_url(url: str) -> tuple[str, str, str, str]:
@@ -311,5 +300,5 @@ def probe_health_task(url: str, expect_version: str, successes: int = 3, interva
 
 __all__ = [
     "HealthAnswer", "parse_kube_proxy_url", "probe_health", "probe_health_task", "rollout_verdict",
-    "service_proxy_url", "wait_for_rollout", "wait_for_rollout_task",
+    "wait_for_rollout", "wait_for_rollout_task",
 ]

@@ -24,6 +24,13 @@ class GitHttpServer:
         self.expected = "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
         self.requests = 0
         self.refused = 0
+        self.pushes = 0
+        # Set: every request is accepted and never answered (until cleared or the server stops).
+        self.hang = threading.Event()
+        # True: the first push that succeeds sets `hang`, so Git goes silent right after a commit lands.
+        self.hang_after_push = False
+        self.hung = 0
+        self._closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +44,12 @@ class GitHttpServer:
                 self._cgi()
 
             def _cgi(self) -> None:
+                if server.hang.is_set():
+                    server.hung += 1
+                    while server.hang.is_set() and not server._closing.wait(0.1):
+                        pass
+                    self.close_connection = True
+                    return
                 if self.headers.get("Authorization") != server.expected:
                     server.refused += 1
                     self.send_response(401)
@@ -81,6 +94,10 @@ class GitHttpServer:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                if path.endswith("/git-receive-pack") and status == 200:
+                    server.pushes += 1
+                    if server.hang_after_push:
+                        server.hang.set()
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -107,6 +124,7 @@ class GitHttpServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 

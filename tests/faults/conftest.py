@@ -264,6 +264,8 @@ def settings_of(faults: FaultEnv) -> Iterator[FaultEnv]:
         yield faults
     finally:
         _restore_env(old)
+        # A test may have changed settings through the environment (bounds, the config file).
+        get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from tasks.gitops import checkout, commit_and_push
 from tasks.records import record_verified, verified_tags
 from tasks.trailers import commit_message
 from tasks.values import bump_image_tag
-from tests.gitops.conftest import AUTHOR, remote_log, run_git
 from tests.git_http import GitHttpServer, HangingListener
+from tests.gitops.conftest import AUTHOR, remote_log, run_git
 
 TOKEN = "ghp_httpRemoteTest0123456789"  # secret-scan: allow (test fixture)
 

@@ -13,12 +13,12 @@ from prefect.states import Failed
 from pydantic import SecretStr
 
 from delivery.errors import BuildError, ConfigError, PushError
+from delivery.retries import retry_if_transient as _retry_if_transient
 from delivery.settings import Settings
 from tasks.images import (
-    _retry_if_transient,
     build_image_task,
     classify_push_error,
-    image_exists_task,
+    image_exists,
     push_image_task,
     registry_credentials,
 )
@@ -97,10 +97,10 @@ def test_task_retry_condition_only_retries_transient_errors() -> None:
     assert not _retry_if_transient(None, None, Failed(data=PushError("unauthorized", transient=False)))
     assert not _retry_if_transient(None, None, Failed(data=BuildError("RUN failed")))
     assert not _retry_if_transient(None, None, Failed(data=ValueError("bug")))
-    assert push_image_task.retries == 2 and push_image_task.retry_jitter_factor
+    # One retry layer: push_image retries within its bound, so the task adds none.
+    assert push_image_task.retries == 0
     assert build_image_task.retries == 0
-    assert (build_image_task.name, push_image_task.name, image_exists_task.name) == (
-        "build-image", "push-image", "image-exists")
+    assert (build_image_task.name, push_image_task.name) == ("build-image", "push-image")
 
 
 def test_tasks_build_and_push_in_a_flow(prefect_harness: None, context_dir: Path, shared_repo: str,
@@ -112,7 +112,7 @@ def test_tasks_build_and_push_in_a_flow(prefect_harness: None, context_dir: Path
     def ship() -> tuple[str, bool]:
         built = build_image_task(context_dir, shared_repo, ["main-1234567", "main"])
         pushed = push_image_task(built.repository, built.tags)
-        return pushed.digest, image_exists_task(shared_repo, "main")
+        return pushed.digest, image_exists(shared_repo, "main")
 
     digest, exists = ship()
     assert digest.startswith("sha256:") and exists

@@ -14,7 +14,7 @@ import docker
 import pytest
 
 from delivery.errors import HealthCheckFailed
-from tasks.probes import HealthAnswer, parse_kube_proxy_url, probe_health, service_proxy_url
+from tasks.probes import HealthAnswer, _proxy_target, parse_kube_proxy_url, probe_health
 
 pytestmark = pytest.mark.docker
 
@@ -138,8 +138,8 @@ def test_connection_refused_fails_with_the_error() -> None:
         probe_health(f"http://127.0.0.1:{port}/api/health/", expect_version="1", interval=0.2, timeout=1)
 
 
-def test_service_proxy_url_goes_through_the_api_server(tmp_path) -> None:
-    """The service proxy URL is built from the kubeconfig's server, with its bearer token as header."""
+def test_kube_proxy_target_goes_through_the_api_server(tmp_path) -> None:
+    """A `kube-proxy://` health URL is reached from the kubeconfig's server, with its bearer token as header."""
     import json
     import secrets
 
@@ -150,7 +150,8 @@ def test_service_proxy_url_goes_through_the_api_server(tmp_path) -> None:
         "clusters": [{"name": "k", "cluster": {"server": "http://127.0.0.1:6443"}}],
         "users": [{"name": "u", "user": {"token": bearer}}],
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
-    url, headers = service_proxy_url("workout-dev", "workout-api", 80, kubeconfig=kubeconfig)
+    target = _proxy_target("workout-dev", "workout-api", "80", "/api/health/", kubeconfig)
+    url, headers = target.url, target.headers
     assert url == "http://127.0.0.1:6443/api/v1/namespaces/workout-dev/services/workout-api:80/proxy/api/health/"
     assert headers == {"authorization": f"Bearer {bearer}"}
     assert parse_kube_proxy_url("kube-proxy://workout-dev/workout-api:http/api/health/") == (
