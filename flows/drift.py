@@ -6,6 +6,8 @@ It never writes Git. With `heal=True` it asks Argo CD to sync drift made behind 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,38 +102,61 @@ def _secret_findings(checkout: Path, app: App) -> list[str]:
 
 
 def collect_drift(cfg: Config, names: list[str], *, heal: bool = False) -> list[DriftRow]:
-    """Read Git, the cluster, Argo CD and the registry for each app/environment and assess it."""
+    """Read Git, the cluster, Argo CD and the registry for each app/environment and assess it.
+
+    One app's trouble (its GitOps repo unreachable, an Application missing while healing) becomes that
+    app's rows and never stops the others. Each run clones into a directory of its own, removed at the
+    end: two drift runs at once (a schedule and a click) must not reset each other's work tree."""
     rows: list[DriftRow] = []
     creds = images.registry_credentials(get_settings())
-    checkouts: dict[tuple[str, str], tuple[Any, Path]] = {}
-    for name in names:
-        app = cfg.app(name)
-        key = (app.gitops_repo, app.gitops_branch)
-        if key not in checkouts:
-            # One clone per GitOps repo and branch, however many apps share it.
-            slug = f"{len(checkouts)}-{Path(app.gitops_repo.rstrip('/')).name}"
-            d = work_dir("drift", slug)
-            checkouts[key] = (gitops.checkout(app.gitops_repo, app.gitops_branch, d), d)
-        repo, d = checkouts[key]
-        head = repo.head.commit.hexsha
-        secrets = _secret_findings(d, app)
-        for env in app.environments.values():
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir("drift")))
+    try:
+        checkouts: dict[tuple[str, str], tuple[Any, Path] | DeliveryError] = {}
+        for name in names:
+            app = cfg.app(name)
+            key = (app.gitops_repo, app.gitops_branch)
+            if key not in checkouts:
+                # One clone per GitOps repo and branch, however many apps share it.
+                d = run_dir / f"{len(checkouts)}-{Path(app.gitops_repo.rstrip('/')).name}"
+                try:
+                    checkouts[key] = (gitops.checkout(app.gitops_repo, app.gitops_branch, d), d)
+                except DeliveryError as e:
+                    checkouts[key] = e
+            got = checkouts[key]
+            if isinstance(got, DeliveryError):
+                rows += [DriftRow(app.name, env.name, result="degraded", details=[f"check failed: {got}"])
+                         for env in app.environments.values()]
+                continue
+            rows += _app_rows(app, *got, creds=creds, heal=heal)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return rows
+
+
+def _app_rows(app: App, repo: Any, d: Path, *, creds: Any, heal: bool) -> list[DriftRow]:
+    rows: list[DriftRow] = []
+    head = repo.head.commit.hexsha
+    secrets = _secret_findings(d, app)
+    for env in app.environments.values():
+        try:
+            tag = values.read_image_tag(d / app.values_path(env.name))
+            application = argocd.read_application(env.application, namespace=env.argocd_namespace)
+            row = assess(
+                app, env, git_tag=tag, git_head=head,
+                deployment=probes.read_deployment(env.deployment, env.namespace),
+                application=application,
+                image_present=images.image_exists(app.image, tag, credentials=creds), secret_findings=secrets,
+                synced_tag=_tag_at(repo, application, app.values_path(env.name), head),
+            )
+        except DeliveryError as e:
+            row = DriftRow(app.name, env.name, result="degraded", details=[f"check failed: {e}"])
+        if heal and row.result in ("drifted", "out-of-sync"):
             try:
-                tag = values.read_image_tag(d / app.values_path(env.name))
-                application = argocd.read_application(env.application, namespace=env.argocd_namespace)
-                row = assess(
-                    app, env, git_tag=tag, git_head=head,
-                    deployment=probes.read_deployment(env.deployment, env.namespace),
-                    application=application,
-                    image_present=images.image_exists(app.image, tag, credentials=creds), secret_findings=secrets,
-                    synced_tag=_tag_at(repo, application, app.values_path(env.name), head),
-                )
-            except DeliveryError as e:
-                row = DriftRow(app.name, env.name, result="degraded", details=[f"check failed: {e}"])
-            if heal and row.result in ("drifted", "out-of-sync"):
                 argocd.request_sync(env.application, namespace=env.argocd_namespace, revision=head)
                 row.details.append("heal: asked Argo CD to sync")
-            rows.append(row)
+            except DeliveryError as e:
+                row.details.append(f"heal failed: {e}")
+        rows.append(row)
     return rows
 
 

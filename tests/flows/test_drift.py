@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import threading
 import time
 
 import git
 from kubernetes import client
 
 from delivery.config import load_config
+from flows.common import work_dir
 from flows.drift import collect_drift, drift_check
 from tasks import argocd
 from tasks.kube import api_client
@@ -129,3 +132,46 @@ def test_committed_plaintext_secret_is_flagged_without_its_value(stack, tmp_path
         assert "hunter2" not in capsys.readouterr().out
     finally:
         _gitops_commit(str(stack.gitops_remote), tmp_path, {rel: None}, "test: remove leak")
+
+
+def test_heal_with_a_missing_application_still_checks_the_other_apps(stack):
+    """`heal` on an app whose Application does not exist records why that heal failed and goes on:
+    the other app's environments are still read and reported."""
+    cfg = load_config()
+    real = cfg.app(APP)
+    ghost_env = dataclasses.replace(real.environment("dev"), application="ghost-api-dev")
+    ghost = dataclasses.replace(real, name="ghost-api", environments={"dev": ghost_env})
+    cfg = dataclasses.replace(cfg, apps={"ghost-api": ghost, APP: real})
+    rows = collect_drift(cfg, ["ghost-api", APP], heal=True)
+    by = {(r.app, r.environment): r for r in rows}
+    g = by[("ghost-api", "dev")]
+    assert g.result == "out-of-sync"
+    assert any("ghost-api-dev" in d and "not found" in d for d in g.details), g.details
+    assert any(d.startswith("heal failed:") and "ghost-api-dev" in d for d in g.details), g.details
+    assert {e for a, e in by if a == APP} == {"dev", "staging", "prod"}
+    assert all(by[(APP, e)].result == "in-sync" for e in ("dev", "staging", "prod")), rows
+
+
+def test_two_drift_runs_at_once_do_not_share_a_work_tree(stack):
+    """Two checks at the same moment (a schedule and a click) each read a clone of their own, both
+    complete, and neither leaves its clone behind."""
+    cfg = load_config()
+    results: list[list] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(collect_drift(cfg, [APP]))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(results) == 2
+    for rows in results:
+        assert sorted(r.environment for r in rows) == ["dev", "prod", "staging"]
+        assert all(r.result == "in-sync" for r in rows), rows
+    assert list(work_dir("drift").iterdir()) == []
