@@ -178,6 +178,20 @@ def _story(st: stack.StackState) -> int:
     if run.state_name != "Completed":
         problems.append(f"the good deploy ended {run.state_name}")
 
+    say("1b) the second app, nutrition-api, shares the GitOps repository and the environment names: "
+        "a good change to it, verified")
+    other = cfg.app("nutrition-api")
+    other_env = other.environment(env.name)
+    other_repo = source_clone(other.source_repo, get_settings().sandbox_dir / "demo" / "nutrition-api")
+    other_good = (Path(other_repo.working_tree_dir) / settings_rel).read_text()
+    other_text = other_good.replace("HEALTHY=false", "HEALTHY=true").rstrip("\n") + f"\n# demo release {stamp}\n"
+    run = push_and_deploy(st, other_repo, other.source_repo, branch, {settings_rel: other_text},
+                          f"feat: nutrition demo release {stamp}", secret)
+    other_serving = _version(other_env.health_url)
+    say(f"deploy ended {run.state_name}; {other.name}/{other_env.name} answers: {health(other_env.health_url)}")
+    if run.state_name != "Completed":
+        problems.append(f"the {other.name} deploy ended {run.state_name}")
+
     say("2) a change that breaks the health check: deploy fails, rolls back automatically")
     bad_text = good_text.replace("HEALTHY=true", "HEALTHY=false")
     run = push_and_deploy(st, repo, app.source_repo, branch, {settings_rel: bad_text},
@@ -187,6 +201,10 @@ def _story(st: stack.StackState) -> int:
     if run.state_name != "Failed" or "rolled back" not in (message or ""):
         problems.append(f"the broken deploy ended {run.state_name} without a rollback")
     say(f"{env.name} answers: {health(env.health_url)}")
+    # The rollback restored workout-api's own last verified tag and left the other app alone.
+    say(f"{other.name}/{other_env.name} still answers: {health(other_env.health_url)}")
+    if _version(other_env.health_url) != other_serving:
+        problems.append(f"{other.name} changed while {app.name} rolled back")
     # Put the branch back to a healthy state so the next demo run starts clean.
     commit_to(repo, branch, {settings_rel: good_text}, "revert: restore health settings")
 
@@ -209,14 +227,24 @@ def _story(st: stack.StackState) -> int:
 
     from delivery import history
 
-    print()
-    print(history.render(history.read_history(app.name, limit=10)))
+    for name in (app.name, other.name):
+        print()
+        print(history.render(history.read_history(name, limit=10)))
     print()
     say(f"Prefect UI: {st.prefect_ui_url}  (runs, logs, artifacts). Stop everything with: delivery down")
     if problems:
         say("the demo did not go as described: " + "; ".join(problems))
         return 1
     return 0
+
+
+def _version(url: str) -> str:
+    """The version the health endpoint names, or "" when it does not answer with one."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return str(json.loads(r.read()).get("version", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def _wait_in_sync(cfg: Any, app: str, environment: str, timeout: float = 90) -> None:

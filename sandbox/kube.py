@@ -22,7 +22,7 @@ The product talks to it only through the official `kubernetes` client and a kube
 
 kmock's `KubernetesEmulator` was the starting point, but it has no resourceVersion, generation,
 field selectors, merge-patch `null` semantics or 410, and extending it meant reaching into its
-name-mangled internals; a small aiohttp server is simpler to keep right.
+name-mangled internals; a small aiohttp server is simpler to keep right (kmock is no dependency).
 
 Fault injection for the tests of the waits: `--drop-watch-after S` closes every watch stream S
 seconds after it opened; `POST /sandbox/compact` forgets the watch history so that any watch from
@@ -50,6 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
+import jsonpointer
 from aiohttp import web
 
 log = logging.getLogger("sandbox.kube")
@@ -178,69 +180,13 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
     return copy.deepcopy(patch)
 
 
-def _pointer(path: str) -> list[str]:
-    if path == "":
-        return []
-    if not path.startswith("/"):
-        raise ApiError(422, f"invalid JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str]) -> Any:
-    for p in parts:
-        if isinstance(doc, list):
-            doc = doc[int(p)]
-        elif isinstance(doc, dict):
-            doc = doc[p]
-        else:
-            raise KeyError(p)
-    return doc
-
-
 def json_patch(doc: Any, ops: list[JSON]) -> Any:
-    """RFC 6902 JSON patch (add, remove, replace, move, copy, test)."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        kind, parts = op.get("op"), _pointer(op.get("path", ""))
-        try:
-            if kind == "test":
-                if _walk(doc, parts) != op.get("value"):
-                    raise ApiError(422, f"test operation failed at {op.get('path')}")
-                continue
-            if kind in ("move", "copy"):
-                value = copy.deepcopy(_walk(doc, _pointer(op["from"])))
-                if kind == "move":
-                    doc = json_patch(doc, [{"op": "remove", "path": op["from"]}])
-                doc = json_patch(doc, [{"op": "add", "path": op["path"], "value": value}])
-                continue
-            if not parts:
-                if kind in ("add", "replace"):
-                    doc = copy.deepcopy(op["value"])
-                    continue
-                raise ApiError(422, "cannot remove the whole document")
-            parent, last = _walk(doc, parts[:-1]), parts[-1]
-            if kind == "add":
-                if isinstance(parent, list):
-                    parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
-                else:
-                    parent[last] = copy.deepcopy(op["value"])
-            elif kind == "replace":
-                if isinstance(parent, list):
-                    parent[int(last)] = copy.deepcopy(op["value"])
-                else:
-                    if last not in parent:
-                        raise KeyError(last)
-                    parent[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                if isinstance(parent, list):
-                    del parent[int(last)]
-                else:
-                    del parent[last]
-            else:
-                raise ApiError(422, f"unknown JSON patch operation {kind!r}")
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise ApiError(422, f"JSON patch {kind} {op.get('path')!r}: path not found ({e})") from e
-    return doc
+    """RFC 6902 JSON patch, by the `jsonpatch` library; a failing op is a 422 as on a real API server."""
+    try:
+        return jsonpatch.apply_patch(doc, ops, in_place=False)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError,
+            ValueError) as e:
+        raise ApiError(422, f"the JSON patch could not be applied: {e}") from e
 
 
 # ---------------------------------------------------------------- selectors

@@ -5,11 +5,12 @@
 `<root>/state.json`:
 
 - the Docker engine, the registry on 127.0.0.1:5000 and the base image (sandbox/engine.py);
-- two bare Git repositories under `<root>/git/`: `gitops.git` (this repository's helm/ and argocd/,
-  pointed at the sandbox registry and the initial image tag) and `workout-api.git` (the sample app);
-- the initial image of the sample app, built from the source repository's first commit and pushed;
-- the Kubernetes API emulator (sandbox/kube.py) with the Argo CD Applications of dev, staging and
-  prod, and `<root>/kubeconfig`;
+- bare Git repositories under `<root>/git/`: `gitops.git` (this repository's helm/ and argocd/,
+  pointed at the sandbox registry and the initial image tags), shared by both sample apps, and one
+  source repository per app: `workout-api.git` and `nutrition-api.git` (from examples/);
+- the initial image of each app, built from its source repository's first commit and pushed;
+- the Kubernetes API emulator (sandbox/kube.py) with the Argo CD Applications of both apps in dev,
+  staging and prod (the same environment names), and `<root>/kubeconfig`;
 - the Argo CD emulator (sandbox/argocd), which runs the apps as containers on fixed host ports;
 - a Prefect server on 127.0.0.1:4200 (optional; `DELIVERY_PREFECT_PORT` moves it);
 - `<root>/delivery.yaml`, the delivery config for all of the above.
@@ -73,6 +74,39 @@ ENVIRONMENTS = (
 )
 
 
+@dataclass(frozen=True)
+class AppSpec:
+    """A sample app of the sandbox: its source (examples/<name>), its chart and Argo CD manifests in
+    the one shared GitOps repository, and its environments (the same names for every app)."""
+
+    name: str
+    chart_path: str
+    # Directory holding this app's `overlays/<env>` kustomizations.
+    argocd_dir: str
+    environments: tuple[EnvSpec, ...]
+    summary: str
+
+    @property
+    def image(self) -> str:
+        return f"{engine.REGISTRY_ADDR}/{self.name}"
+
+    def application(self, env: EnvSpec) -> str:
+        return f"{self.name}-{env.name}"
+
+
+SECOND_APP = "nutrition-api"
+APPS = (
+    AppSpec(APP, CHART_PATH, "argocd", ENVIRONMENTS, "the workout API"),
+    # The common layout of a shared GitOps repository: another chart beside the first, the same
+    # environment names, its own Applications, namespaces and ports.
+    AppSpec(SECOND_APP, f"helm/{SECOND_APP}", f"argocd/{SECOND_APP}", (
+        EnvSpec("dev", 4, "nutrition-dev", branches=("release-dev",)),
+        EnvSpec("staging", 5, "nutrition-staging", branches=("main",)),
+        EnvSpec("prod", 6, "nutrition", tags=("v*.*.*",)),
+    ), "the nutrition API"),
+)
+
+
 @dataclass
 class SandboxState:
     root: Path
@@ -87,6 +121,9 @@ class SandboxState:
     prefect_api_url: str | None
     # Parts this sandbox started, by name; external parts are not here.
     pids: dict[str, int] = field(default_factory=dict)
+    # Every app's source repository and initial tag, by app name (the fields above are workout-api's).
+    source_remotes: dict[str, Path] = field(default_factory=dict)
+    initial_tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -321,7 +358,10 @@ class Sandbox:
 
     @property
     def source_remote(self) -> Path:
-        return self.root / "git" / f"{APP}.git"
+        return self.source_remote_of(APP)
+
+    def source_remote_of(self, app: str) -> Path:
+        return self.root / "git" / f"{app}.git"
 
     @property
     def kubeconfig(self) -> Path:
@@ -337,7 +377,7 @@ class Sandbox:
 
     @property
     def ports(self) -> dict[str, int]:
-        return {e.application: self.app_port_base + e.port_offset for e in ENVIRONMENTS}
+        return {a.application(e): self.app_port_base + e.port_offset for a in APPS for e in a.environments}
 
     # -- state.json
 
@@ -378,10 +418,14 @@ class Sandbox:
         kube_url = self._start_kube(parts)
         self._save(raw)
 
-        self._seed_source()
-        initial_tag = f"main-{root_commit(self.source_remote)[:7]}"
-        self._seed_gitops(initial_tag)
-        self._ensure_initial_image(initial_tag)
+        initial_tags = {}
+        for a in APPS:
+            self._seed_source(a)
+            initial_tags[a.name] = f"main-{root_commit(self.source_remote_of(a.name))[:7]}"
+        self._seed_gitops(initial_tags)
+        for a in APPS:
+            self._ensure_initial_image(a, initial_tags[a.name])
+        initial_tag = initial_tags[APP]
 
         write_kubeconfig(self.kubeconfig, kube_url)
         self._apply_applications()
@@ -402,6 +446,7 @@ class Sandbox:
             source_remote=self.source_remote, registry=engine.REGISTRY_ADDR, config_file=self.config_file,
             ports=self.ports, initial_tag=initial_tag, prefect_api_url=prefect_url,
             pids={name: rec["pid"] for name, rec in parts.items() if rec.get("pid")},
+            source_remotes={a.name: self.source_remote_of(a.name) for a in APPS}, initial_tags=initial_tags,
         )
         raw["state"] = asdict(state)
         self._save(raw)
@@ -484,17 +529,18 @@ class Sandbox:
 
     # -- repositories and image
 
-    def _seed_source(self) -> None:
-        if self.source_remote.exists():
+    def _seed_source(self, a: AppSpec) -> None:
+        remote = self.source_remote_of(a.name)
+        if remote.exists():
             return
-        self.source_remote.parent.mkdir(parents=True, exist_ok=True)
+        remote.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="seed-src-", dir=self.root) as tmp:
             tree = Path(tmp) / "tree"
-            shutil.copytree(PROJECT_ROOT / "examples" / APP, tree, symlinks=True,
+            shutil.copytree(PROJECT_ROOT / "examples" / a.name, tree, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", ".git"))
-            _seed_bare(self.source_remote, tree, "Initial commit of the workout API", ("main", "release-dev"))
+            _seed_bare(remote, tree, f"Initial commit of {a.summary}", ("main", "release-dev"))
 
-    def _seed_gitops(self, initial_tag: str) -> None:
+    def _seed_gitops(self, initial_tags: dict[str, str]) -> None:
         if self.gitops_remote.exists():
             return
         self.gitops_remote.parent.mkdir(parents=True, exist_ok=True)
@@ -504,27 +550,30 @@ class Sandbox:
             for top in ("helm", "argocd"):
                 shutil.copytree(PROJECT_ROOT / top, tree / top, symlinks=True,
                                 ignore=shutil.ignore_patterns("__pycache__", "charts", "*.tgz"))
-            chart = tree / CHART_PATH
-            _set_values(chart / "values.yaml", IMAGE_REPOSITORY, self.progress_deadline)
-            for env in ENVIRONMENTS:
-                _set_tag(chart / f"values-{env.name}.yaml", initial_tag)
-            _seed_bare(self.gitops_remote, tree, f"Deploy {APP} {initial_tag} to every environment")
+            for a in APPS:
+                chart = tree / a.chart_path
+                _set_values(chart / "values.yaml", a.image, self.progress_deadline)
+                for env in a.environments:
+                    _set_tag(chart / f"values-{env.name}.yaml", initial_tags[a.name])
+            listed = ", ".join(f"{a.name} {initial_tags[a.name]}" for a in APPS)
+            _seed_bare(self.gitops_remote, tree, f"Deploy {listed} to every environment")
 
-    def _ensure_initial_image(self, tag: str) -> None:
+    def _ensure_initial_image(self, a: AppSpec, tag: str) -> None:
         from tasks.images import build_image, image_exists, push_image
 
-        if image_exists(IMAGE_REPOSITORY, tag):
+        if image_exists(a.image, tag):
             return
-        sha = root_commit(self.source_remote)
+        remote = self.source_remote_of(a.name)
+        sha = root_commit(remote)
         with tempfile.TemporaryDirectory(prefix="initial-image-", dir=self.root) as tmp:
             archive = Path(tmp) / "src.tar"
-            _git("archive", "--format=tar", "-o", str(archive), sha, cwd=self.source_remote)
+            _git("archive", "--format=tar", "-o", str(archive), sha, cwd=remote)
             ctx = Path(tmp) / "ctx"
             with tarfile.open(archive) as tar:
                 tar.extractall(ctx, filter="data")
-            build_image(ctx, IMAGE_REPOSITORY, [tag], revision=sha, source=str(self.source_remote),
+            build_image(ctx, a.image, [tag], revision=sha, source=str(remote),
                         build_args={"BASE_IMAGE": engine.BASE_IMAGE, "APP_VERSION": tag})
-        push_image(IMAGE_REPOSITORY, [tag])
+        push_image(a.image, [tag])
 
     # -- Kubernetes objects and config
 
@@ -534,11 +583,12 @@ class Sandbox:
         if not KUBECTL.exists():
             raise SandboxError(f"{KUBECTL} is missing: run `make setup` to install helm and kubectl")
         apps = []
-        for env in ENVIRONMENTS:
-            overlay = PROJECT_ROOT / "argocd" / "overlays" / env.name
+        for a, env in [(app, e) for app in APPS for e in app.environments]:
+            overlay = PROJECT_ROOT / a.argocd_dir / "overlays" / env.name
             res = subprocess.run([str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
             if res.returncode != 0:
-                raise SandboxError(f"kubectl kustomize argocd/overlays/{env.name} failed: {res.stderr.strip()}")
+                raise SandboxError(f"kubectl kustomize {a.argocd_dir}/overlays/{env.name} failed: "
+                                   f"{res.stderr.strip()}")
             for doc in YAML(typ="safe").load_all(res.stdout):
                 if isinstance(doc, dict) and doc.get("kind") == "Application":
                     # The committed manifests name the GitHub repository; the sandbox serves its own.
@@ -554,7 +604,7 @@ class Sandbox:
             co, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
             existing = {a["metadata"]["name"] for a in co.list_namespaced_custom_object(
                 "argoproj.io", "v1alpha1", "argocd", "applications")["items"]}
-            if all(e.application in existing for e in ENVIRONMENTS):
+            if all(a.application(e) in existing for a in APPS for e in a.environments):
                 return
             apps = self._render_applications()
             namespaces = {"argocd"} | {a["spec"]["destination"]["namespace"] for a in apps}
@@ -570,30 +620,33 @@ class Sandbox:
     def _write_config(self) -> None:
         from ruamel.yaml import YAML
 
-        envs = {}
-        for e in ENVIRONMENTS:
-            entry: dict[str, Any] = {}
-            if e.branches:
-                entry["branches"] = list(e.branches)
-            if e.tags:
-                entry["tags"] = list(e.tags)
-            entry.update(values_file=f"values-{e.name}.yaml", application=e.application, argocd_namespace="argocd",
-                         namespace=e.namespace, deployment=APP,
-                         health_url=f"http://127.0.0.1:{self.ports[e.application]}/api/health/")
-            envs[e.name] = entry
-        data = {"apps": {APP: {
-            "source_repo": str(self.source_remote),
-            "context": ".",
-            "dockerfile": "Dockerfile",
-            "image": IMAGE_REPOSITORY,
-            "default_branch": "main",
-            # The sandbox has no Docker Hub: the sample app builds on the local busybox image.
-            "build_args": {"BASE_IMAGE": engine.BASE_IMAGE},
-            "gitops_repo": str(self.gitops_remote),
-            "gitops_branch": "main",
-            "chart_path": CHART_PATH,
-            "environments": envs,
-        }}}
+        apps: dict[str, Any] = {}
+        for a in APPS:
+            envs = {}
+            for e in a.environments:
+                entry: dict[str, Any] = {}
+                if e.branches:
+                    entry["branches"] = list(e.branches)
+                if e.tags:
+                    entry["tags"] = list(e.tags)
+                entry.update(values_file=f"values-{e.name}.yaml", application=a.application(e),
+                             argocd_namespace="argocd", namespace=e.namespace, deployment=a.name,
+                             health_url=f"http://127.0.0.1:{self.ports[a.application(e)]}/api/health/")
+                envs[e.name] = entry
+            apps[a.name] = {
+                "source_repo": str(self.source_remote_of(a.name)),
+                "context": ".",
+                "dockerfile": "Dockerfile",
+                "image": a.image,
+                "default_branch": "main",
+                # The sandbox has no Docker Hub: the sample apps build on the local busybox image.
+                "build_args": {"BASE_IMAGE": engine.BASE_IMAGE},
+                "gitops_repo": str(self.gitops_remote),
+                "gitops_branch": "main",
+                "chart_path": a.chart_path,
+                "environments": envs,
+            }
+        data = {"apps": apps}
         tmp = self.config_file.with_name("delivery.yaml.tmp")
         with open(tmp, "w") as f:
             f.write("# Written by `delivery sandbox up`: the delivery config of the local sandbox.\n")
@@ -631,8 +684,8 @@ class Sandbox:
 
         part("dockerd", "unix:///var/run/docker.sock", engine.docker_ok())
         part("registry", f"http://{engine.REGISTRY_ADDR}", engine.registry_ok())
-        git_ok = self.gitops_remote.exists() and self.source_remote.exists()
-        detail = "gitops.git, workout-api.git" if git_ok else "not seeded"
+        git_ok = self.gitops_remote.exists() and all(self.source_remote_of(a.name).exists() for a in APPS)
+        detail = ", ".join(["gitops.git", *(f"{a.name}.git" for a in APPS)]) if git_ok else "not seeded"
         out.append(PartStatus("git", str(self.gitops_remote.parent), git_ok, None,
                               "started" if git_ok else "stopped", detail))
         kube = parts.get("kube") or {}
@@ -643,7 +696,7 @@ class Sandbox:
         if prefect or "prefect" in parts:
             part("prefect", f"http://127.0.0.1:{PREFECT_PORT}/api", _http_ok(self._prefect_health))
         base = int(options.get("app_port_base", self.app_port_base))
-        ports = {e.application: base + e.port_offset for e in ENVIRONMENTS}
+        ports = {a.application(e): base + e.port_offset for a in APPS for e in a.environments}
         for app_name, port in sorted(ports.items()):
             url = f"http://127.0.0.1:{port}/api/health/"
             out.append(PartStatus(app_name, url, _http_ok(url), None, "argocd", "app container"))
@@ -715,9 +768,11 @@ def cli(action: str) -> int:
         st = sb.up()
         print(f"sandbox up in {time.monotonic() - t0:.1f} s ({st.root})")
         print(f"  kubernetes api  {st.kube_url}  (kubeconfig {st.kubeconfig})")
-        print(f"  registry        http://{st.registry}  initial image {IMAGE_REPOSITORY}:{st.initial_tag}")
-        print(f"  gitops remote   {st.gitops_remote}")
-        print(f"  source remote   {st.source_remote}")
+        print(f"  registry        http://{st.registry}")
+        print(f"  gitops remote   {st.gitops_remote}  (shared by {', '.join(a.name for a in APPS)})")
+        for a in APPS:
+            print(f"  {a.name:<15} source {st.source_remotes[a.name]}, "
+                  f"initial image {a.image}:{st.initial_tags[a.name]}")
         if st.prefect_api_url:
             print(f"  prefect         {st.prefect_api_url}  (UI http://127.0.0.1:{PREFECT_PORT})")
         for app_name, port in st.ports.items():

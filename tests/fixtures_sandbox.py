@@ -18,7 +18,7 @@ import pytest
 SANDBOX_PROGRESS_DEADLINE = 10
 
 
-def free_port_block(count: int = 3) -> int:
+def free_port_block(count: int = 6) -> int:
     """A base port such that base+1 .. base+count are free now (below the ephemeral range, so that
     outgoing connections do not grab them later)."""
     rng = random.Random()

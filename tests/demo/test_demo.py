@@ -29,10 +29,11 @@ DELIVERY = str(Path(sys.executable).with_name("delivery"))
 
 class DemoStack:
     def __init__(self, root: Path) -> None:
-        base = free_port_block(count=5)
+        # Two apps of three environments each on base+1..6, then Prefect and the webhook receiver.
+        base = free_port_block(count=8)
         self.root = root / "sandbox"
-        self.app_ports = [base + 1, base + 2, base + 3]
-        self.prefect_port, self.webhook_port = base + 4, base + 5
+        self.app_ports = [base + i for i in range(1, 7)]
+        self.prefect_port, self.webhook_port = base + 7, base + 8
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DELIVERY_", "PREFECT_"))}
         self.env.update(
             DELIVERY_SANDBOX_DIR=str(self.root), DELIVERY_APP_PORT_BASE=str(base),

@@ -3,6 +3,7 @@ and the Applications; `down` stops exactly what it started."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,7 +16,7 @@ from kubernetes import client, config
 from ruamel.yaml import YAML
 
 from delivery.config import load_config
-from sandbox.manager import ENVIRONMENTS, IMAGE_REPOSITORY, Sandbox, SandboxState, cli
+from sandbox.manager import ENVIRONMENTS, IMAGE_REPOSITORY, SECOND_APP, Sandbox, SandboxState, cli
 from tasks.images import image_exists
 from tests.fixtures_sandbox import SANDBOX_PROGRESS_DEADLINE, free_port_block
 
@@ -139,6 +140,39 @@ def test_config_file_describes_the_sandbox(sandbox: SandboxState) -> None:
     assert dev.health_url == f"http://127.0.0.1:{sandbox.ports['workout-api-dev']}/api/health/"
     assert dev.namespace == "woodez-database-dev" and dev.deployment == "workout-api"
     assert app.build_args == {"BASE_IMAGE": "local/busybox:stable"}, "the sandbox has no Docker Hub"
+
+
+def _version_within(url: str, seconds: float) -> str | None:
+    """The version `url` answers with, waiting up to `seconds` for Argo CD to start the app."""
+    deadline, last = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())["version"]
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds:g} s: {last}")
+
+
+def test_second_app_shares_the_gitops_repo_with_the_same_environment_names(sandbox: SandboxState) -> None:
+    """nutrition-api: its own source repository, image, chart directory in the same GitOps repository,
+    Applications, namespaces and ports; the same three environment names as workout-api; and it answers."""
+    cfg = load_config(sandbox.config_file)
+    a, b = cfg.app("workout-api"), cfg.app(SECOND_APP)
+    assert b.gitops_repo == a.gitops_repo == str(sandbox.gitops_remote)
+    assert b.source_repo == str(sandbox.source_remotes[SECOND_APP]) != a.source_repo
+    assert b.chart_path == "helm/nutrition-api" and b.image == f"{sandbox.registry}/nutrition-api"
+    assert sorted(b.environments) == sorted(a.environments) == ["dev", "prod", "staging"]
+    seed = _root_commit(sandbox.gitops_remote)
+    for env in b.environments.values():
+        assert env.application == f"nutrition-api-{env.name}"
+        text = git_show(sandbox.gitops_remote, f"{seed}:helm/nutrition-api/values-{env.name}.yaml")
+        assert YAML(typ="safe").load(text)["image"]["tag"] == sandbox.initial_tags[SECOND_APP]
+        assert env.health_url not in {e.health_url for e in a.environments.values()}
+        assert env.namespace not in {e.namespace for e in a.environments.values()}
+        assert _version_within(env.health_url, 90) == sandbox.initial_tags[SECOND_APP]
+    assert image_exists(b.image, sandbox.initial_tags[SECOND_APP])
 
 
 def test_down_stops_exactly_what_up_started(sandbox: SandboxState, tmp_path: Path) -> None:
