@@ -14,7 +14,7 @@ from sandbox.argocd.model import (
     deep_merge,
     deployment_health,
     deployment_status,
-    desired_state,
+    desired_from_manifests,
 )
 
 __all__ = [
@@ -25,6 +25,6 @@ __all__ = [
     "deep_merge",
     "deployment_health",
     "deployment_status",
-    "desired_state",
+    "desired_from_manifests",
     "stable_port",
 ]

@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from delivery.redact import redact
 from sandbox.argocd import model
-from sandbox.argocd.gitsource import GitSource, load_values
+from sandbox.argocd.gitsource import GitSource, render
 from sandbox.argocd.model import ComparisonError, Desired
 from sandbox.argocd.workload import ProxyHub, Workload
 
@@ -213,8 +213,8 @@ class AppWorker(threading.Thread):
         source = model.source_of(app)
         try:
             sha = self.ctl.git.resolve(str(source.get("repoURL") or ""), source.get("targetRevision"))
-            values = load_values(self.ctl.git, source, sha, hard=hard)
-            desired = model.desired_state(values)
+            namespace, release = self._destination(app)
+            desired = render(self.ctl.git, source, sha, release=release, namespace=namespace, hard=hard)
         except ComparisonError as e:
             self.error = str(e)
             self.desired = None
@@ -231,7 +231,8 @@ class AppWorker(threading.Thread):
             return self.revision, self.desired
         source = model.source_of(app)
         sha = self.ctl.git.resolve(str(source.get("repoURL") or ""), revision)
-        return sha, model.desired_state(load_values(self.ctl.git, source, sha))
+        namespace, release = self._destination(app)
+        return sha, render(self.ctl.git, source, sha, release=release, namespace=namespace)
 
     def _auto_sync(self, app: dict[str, Any]) -> bool:
         """Start and run an automated sync when one is due; True when it ran."""

@@ -1,14 +1,19 @@
 """The repo-server part of the emulator: resolve a target revision to a commit SHA with
-`git ls-remote` (as Argo CD does on every refresh) and read the chart's values files at that commit
-from a bare cache clone per repository."""
+`git ls-remote` (as Argo CD does on every refresh), and render the chart at that commit with
+`helm template` and the Application's values files, as Argo CD's repo-server does, from a bare cache
+clone per repository. A chart that does not render is a ComparisonError worded like Argo CD's."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import re
+import shutil
 import subprocess
+import tarfile
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +23,15 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from delivery.redact import redact
-from sandbox.argocd.model import ComparisonError, deep_merge
+from delivery.settings import PROJECT_ROOT
+from sandbox.argocd.model import ComparisonError, Desired, desired_from_manifests
 
 _SHA = re.compile(r"[0-9a-f]{40}")
 _GIT_TIMEOUT = 60
+_HELM_TIMEOUT = 60
+# Argo CD's own prefix for a manifest that cannot be generated.
+_GEN_FAILED = ("Failed to load target state: failed to generate manifest for source 1 of 1: rpc error: "
+               "code = Unknown desc = Manifest generation error (cached): ")
 
 
 class GitSource:
@@ -29,6 +39,8 @@ class GitSource:
         self.cache_dir = cache_dir
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # A commit's render never changes: (url, sha, path, value files, release, namespace) -> Desired.
+        self._renders: dict[tuple[Any, ...], Desired] = {}
 
     def _git(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
         env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
@@ -104,6 +116,16 @@ class GitSource:
                     raise ComparisonError(f"revision {sha} not found in {redact(url)}")
         return path
 
+    def tree(self, url: str, sha: str, dest: Path) -> Path:
+        """The repository's files at `sha`, written under `dest` (what the repo-server checks out)."""
+        repo = self.ensure(url, sha)
+        r = self._git("archive", "--format=tar", sha, cwd=repo)
+        if r.returncode:
+            raise self._fail(f"failed to read {sha} of", url, r)
+        with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+            tar.extractall(dest, filter="data")
+        return dest
+
     def read(self, url: str, sha: str, path: str) -> bytes | None:
         repo = self.ensure(url, sha)
         r = self._git("cat-file", "blob", f"{sha}:{path}", cwd=repo)
@@ -121,35 +143,47 @@ def value_files(source: Mapping[str, Any]) -> list[str]:
     return files
 
 
-def load_values(git: GitSource, source: Mapping[str, Any], sha: str, *, hard: bool = False) -> dict[str, Any]:
-    """The merged Helm values of `source` at commit `sha`, or a `ComparisonError` worded like
-    Argo CD's manifest-generation failures."""
+def _helm() -> str:
+    local = PROJECT_ROOT / ".tools" / "bin" / "helm"
+    return str(local) if local.exists() else (shutil.which("helm") or "helm")
+
+
+def render(git: GitSource, source: Mapping[str, Any], sha: str, *, release: str, namespace: str,
+           hard: bool = False) -> Desired:
+    """`helm template <release> <path> --namespace <ns> --values ...` of `source` at commit `sha`, and
+    the Deployment it renders; any failure is a `ComparisonError` worded like Argo CD's."""
     url = str(source.get("repoURL") or "")
     if not url:
         raise ComparisonError("spec.source.repoURL is empty")
     if hard:
         git.ensure(url, sha, hard=True)
-    chart = str(source.get("path") or ".")
-    yaml = YAML(typ="safe", pure=True)
-    merged: dict[str, Any] = {}
-    for name in value_files(source):
-        rel = posixpath.normpath(posixpath.join(chart, name))
-        raw = git.read(url, sha, rel)
-        if raw is None:
-            raise ComparisonError(
-                "Failed to load target state: failed to generate manifest for source 1 of 1: "
-                f"rpc error: code = Unknown desc = Manifest generation error: `helm template` failed: "
-                f"Error: open {rel}: no such file or directory")
+    chart = posixpath.normpath(str(source.get("path") or "."))
+    files = value_files(source)
+    key = (url, sha, chart, tuple(files), release, namespace)
+    if key in git._renders:
+        return git._renders[key]
+    with tempfile.TemporaryDirectory(prefix="render-") as tmp:
+        root = git.tree(url, sha, Path(tmp))
+        chart_dir = (root / chart).resolve()
+        if not chart_dir.is_relative_to(root.resolve()) or not (chart_dir / "Chart.yaml").is_file():
+            raise ComparisonError(f"{_GEN_FAILED}{chart}: app path does not exist or is not a Helm chart")
+        argv = [_helm(), "template", release, ".", "--namespace", namespace]
+        for name in files:
+            argv += ["--values", name]
+        shown = " ".join(argv[1:])
         try:
-            doc = yaml.load(raw.decode("utf-8", errors="replace"))
+            r = subprocess.run(argv, cwd=chart_dir, capture_output=True, timeout=_HELM_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise ComparisonError(f"{_GEN_FAILED}`helm {shown}` timed out after {_HELM_TIMEOUT} s") from e
+        if r.returncode:
+            err = " ".join(redact(r.stderr.decode(errors="replace")).split())
+            raise ComparisonError(f"{_GEN_FAILED}`helm {shown}` failed exit status {r.returncode}: {err}")
+        try:
+            docs = [d for d in YAML(typ="safe", pure=True).load_all(r.stdout.decode("utf-8", "replace"))
+                    if isinstance(d, Mapping)]
         except YAMLError as e:
-            raise ComparisonError(
-                "Failed to load target state: failed to generate manifest for source 1 of 1: "
-                f"rpc error: code = Unknown desc = Manifest generation error: failed to parse {rel}: "
-                f"{' '.join(str(e).split())}") from e
-        if doc is None:
-            doc = {}
-        if not isinstance(doc, Mapping):
-            raise ComparisonError(f"Failed to load target state: {rel}: values must be a YAML mapping")
-        merged = deep_merge(merged, doc)
-    return merged
+            raise ComparisonError(f"{_GEN_FAILED}the rendered manifests are not YAML: "
+                                  f"{' '.join(str(e).split())}") from e
+    desired = desired_from_manifests(docs)
+    git._renders[key] = desired
+    return desired

@@ -25,7 +25,7 @@ SYNC_OK_MESSAGE = "successfully synced (all tasks run)"
 
 
 class ComparisonError(Exception):
-    """The target state cannot be computed (Git, a values file, or a key the chart needs)."""
+    """The target state cannot be computed (Git, a values file, or a chart that does not render)."""
 
 
 def now_iso(t: datetime | None = None) -> str:
@@ -34,7 +34,7 @@ def now_iso(t: datetime | None = None) -> str:
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Helm's values merge: maps merge key by key, anything else in `override` replaces."""
+    """A recursive map merge: maps merge key by key, anything else in `override` replaces."""
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -55,37 +55,29 @@ class Desired:
     progress_deadline: int
 
 
-def _get(values: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = values
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def desired_state(values: Mapping[str, Any]) -> Desired:
-    """The Deployment the chart would render from merged values; a missing image key is an error,
-    as Helm would fail (or render an unpullable `:`) on it."""
-    repo = _get(values, "image.repository")
-    tag = _get(values, "image.tag")
-    missing = [k for k, v in (("image.repository", repo), ("image.tag", tag)) if v in (None, "")]
-    if missing:
-        raise ComparisonError(f"values: required key {', '.join(missing)} is missing or empty")
-    port = _get(values, "containerPort")
-    replicas = _get(values, "replicaCount")
-    path = _get(values, "readinessProbe.httpGet.path")
-    deadline = _get(values, "progressDeadlineSeconds")
+def desired_from_manifests(docs: list[Mapping[str, Any]]) -> Desired:
+    """The one Deployment of a rendered chart, as the fields the emulator runs; none, several, or one
+    without an image is a ComparisonError (a real sync would apply nothing runnable)."""
+    deployments = [d for d in docs if d.get("kind") == "Deployment"]
+    if len(deployments) != 1:
+        raise ComparisonError(f"the chart renders {len(deployments)} Deployments; the emulator runs exactly one")
+    spec = deployments[0].get("spec") or {}
+    containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
+    if not containers or not containers[0].get("image") or str(containers[0]["image"]).endswith(":"):
+        raise ComparisonError("the rendered Deployment has no container image (is image.tag empty?)")
+    c = containers[0]
+    ports = c.get("ports") or []
+    probe = (c.get("readinessProbe") or {}).get("httpGet") or {}
     try:
         return Desired(
-            image=f"{repo}:{tag}",
-            replicas=int(replicas) if replicas is not None else 1,
-            container_port=int(port) if port is not None else DEFAULT_PORT,
-            readiness_path=str(path) if path else DEFAULT_READINESS_PATH,
-            progress_deadline=int(deadline) if deadline is not None else DEFAULT_PROGRESS_DEADLINE,
+            image=str(c["image"]),
+            replicas=int(spec["replicas"]) if spec.get("replicas") is not None else 1,
+            container_port=int(ports[0].get("containerPort", DEFAULT_PORT)) if ports else DEFAULT_PORT,
+            readiness_path=str(probe.get("path") or DEFAULT_READINESS_PATH),
+            progress_deadline=int(spec.get("progressDeadlineSeconds") or DEFAULT_PROGRESS_DEADLINE),
         )
     except (TypeError, ValueError) as e:
-        raise ComparisonError(f"values: a numeric key has a non-numeric value: {e}") from e
+        raise ComparisonError(f"the rendered Deployment has a non-numeric field: {e}") from e
 
 
 def replica_set_name(deployment: str, image: str) -> str:

@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,11 @@ class GitOps:
     work: Path
 
     def commit(self, files: dict[str, str], message: str = "change") -> str:
-        """Write chart files, commit and push to main; returns the new commit's full SHA."""
+        """Write chart files, commit and push to main; returns the new commit's full SHA. The first
+        commit also brings a small real chart (tests/sandbox/chart_fixture): the emulator renders it
+        with `helm template`, as Argo CD does."""
+        if not (self.work / "chart" / "Chart.yaml").exists():
+            shutil.copytree(Path(__file__).with_name("chart_fixture"), self.work / "chart", dirs_exist_ok=True)
         for rel, text in files.items():
             p = self.work / "chart" / rel
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
-"""The Argo CD emulator's pure rules: values merge, desired state, Argo CD's Deployment health check,
-Kubernetes Deployment status, and the status documents, checked against documented behaviour."""
+"""The Argo CD emulator's pure rules: the desired state of a rendered chart, Argo CD's Deployment
+health check, Kubernetes Deployment status, and the status documents, checked against documented
+behaviour."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -11,32 +14,30 @@ from sandbox.argocd.gitsource import value_files
 from sandbox.argocd.workload import has_registry_host, split_image
 
 
-def test_later_values_files_override_earlier_ones_deeply() -> None:
-    """Helm's merge: nested maps merge key by key, scalars and lists from the later file win."""
-    base = {"image": {"repository": "r", "tag": "latest", "pullPolicy": "IfNotPresent"}, "list": [1, 2]}
-    env = {"image": {"tag": "1.2.3"}, "list": [3]}
-    assert model.deep_merge(base, env) == {"image": {"repository": "r", "tag": "1.2.3", "pullPolicy": "IfNotPresent"},
-                                           "list": [3]}
-    assert base["image"]["tag"] == "latest"
+def _rendered(container: dict, **spec) -> list[dict]:
+    return [{"kind": "Service", "metadata": {"name": "web"}},
+            {"kind": "Deployment", "metadata": {"name": "web"}, "spec": {**spec, "template": {"spec": {
+                "containers": [container]}}}}]
 
 
-def test_desired_state_reads_chart_values_with_defaults() -> None:
-    """Image, replicas, port, readiness path and deadline come from values; absent ones get chart defaults."""
-    d = model.desired_state({"image": {"repository": "127.0.0.1:5000/app", "tag": "abc"}})
+def test_desired_state_is_read_from_the_rendered_deployment() -> None:
+    """Image, replicas, port, readiness path and deadline come from the chart's rendered Deployment."""
+    d = model.desired_from_manifests(_rendered({"image": "127.0.0.1:5000/app:abc"}))
     assert d == model.Desired(image="127.0.0.1:5000/app:abc", replicas=1, container_port=8000,
                               readiness_path="/api/health/", progress_deadline=600)
-    d = model.desired_state({"image": {"repository": "r", "tag": 1.5}, "replicaCount": 3, "containerPort": 9000,
-                             "readinessProbe": {"httpGet": {"path": "/ready"}}, "progressDeadlineSeconds": 30})
+    d = model.desired_from_manifests(_rendered(
+        {"image": "r:1.5", "ports": [{"containerPort": 9000}], "readinessProbe": {"httpGet": {"path": "/ready"}}},
+        replicas=3, progressDeadlineSeconds=30))
     assert (d.image, d.replicas, d.container_port, d.readiness_path, d.progress_deadline) == (
         "r:1.5", 3, 9000, "/ready", 30)
 
 
-@pytest.mark.parametrize("values", [{}, {"image": {"repository": "r"}}, {"image": {"tag": "t"}},
-                                    {"image": {"repository": "r", "tag": ""}}, {"image": "r:t"}])
-def test_missing_image_keys_are_comparison_errors(values: dict) -> None:
-    """Without image.repository and image.tag there is no target state to compare."""
-    with pytest.raises(model.ComparisonError, match="image"):
-        model.desired_state(values)
+@pytest.mark.parametrize("docs", [[], [{"kind": "Service"}], _rendered({"image": "r:"}), _rendered({}),
+                                  _rendered({"image": "r:t"}) + _rendered({"image": "r:t"})[1:]])
+def test_no_runnable_deployment_is_a_comparison_error(docs: list) -> None:
+    """No Deployment, two of them, or one without a full image reference: nothing to compare."""
+    with pytest.raises(model.ComparisonError, match="Deployment"):
+        model.desired_from_manifests(docs)
 
 
 def _deployment(*, generation: int = 2, observed: int = 2, replicas: int = 2, status: dict | None = None) -> dict:
@@ -127,13 +128,6 @@ def test_comparison_condition_is_set_kept_and_cleared() -> None:
     assert model.comparison_conditions(conds, None) == [other]
 
 
-def test_merge_patch_replaces_nested_documents_exactly() -> None:
-    """A status write removes fields the new document no longer has (a stale health message)."""
-    old = {"status": "Degraded", "message": "boom", "nested": {"a": 1, "b": 2}}
-    new = {"status": "Healthy", "nested": {"a": 1}}
-    assert model.merge_patch_for(old, new) == {"message": None, "status": "Healthy", "nested": {"b": None, "a": 1}}
-
-
 def test_auto_sync_skips_a_revision_already_attempted() -> None:
     """Argo CD's alreadyAttemptedSync: the last operation's syncResult.revision decides."""
     app = {"status": {"operationState": {"phase": "Failed", "syncResult": {"revision": "a" * 40}}}}
@@ -175,15 +169,18 @@ def _git(*args: str, cwd) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
-def test_git_source_resolves_revisions_and_reads_values_at_a_commit(tmp_path) -> None:
-    """Branch, tag, HEAD and short SHA resolve to full SHAs; values are read at that commit."""
-    from sandbox.argocd.gitsource import GitSource, load_values
+def test_git_source_resolves_revisions_and_renders_the_chart_at_a_commit(tmp_path) -> None:
+    """Branch, tag, HEAD and short SHA resolve to full SHAs; the chart is rendered at that commit with
+    `helm template` and the value files in order; a chart that does not render is a ComparisonError."""
+    import shutil
+
+    from sandbox.argocd.gitsource import GitSource, render
 
     remote = tmp_path / "r.git"
     _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
     work = tmp_path / "w"
     _git("clone", "-q", str(remote), str(work), cwd=tmp_path)
-    (work / "chart").mkdir()
+    shutil.copytree(Path(__file__).with_name("chart_fixture"), work / "chart")
     (work / "chart" / "values.yaml").write_text('image:\n  repository: r\n  tag: "1"\nreplicaCount: 2\n')
     (work / "chart" / "values-dev.yaml").write_text('image:\n  tag: "dev"\n')
     _git("add", "-A", cwd=work)
@@ -206,10 +203,13 @@ def test_git_source_resolves_revisions_and_reads_values_at_a_commit(tmp_path) ->
         git.resolve(url, "no-such-branch")
 
     source = {"repoURL": url, "path": "chart", "helm": {"valueFiles": ["values-dev.yaml"]}}
-    assert load_values(git, source, first) == {"image": {"repository": "r", "tag": "dev"}, "replicaCount": 2}
-    with pytest.raises(model.ComparisonError, match="failed to parse chart/values.yaml"):
-        load_values(git, source, second)
-    with pytest.raises(model.ComparisonError, match="open chart/values-prod.yaml: no such file"):
-        load_values(git, {**source, "helm": {"valueFiles": ["values-prod.yaml"]}}, first)
+    d = render(git, source, first, release="web", namespace="ns")
+    assert (d.image, d.replicas) == ("r:dev", 2)
+    with pytest.raises(model.ComparisonError, match="helm template web . --namespace ns .* failed"):
+        render(git, source, second, release="web", namespace="ns")
+    with pytest.raises(model.ComparisonError, match="values-prod.yaml"):
+        render(git, {**source, "helm": {"valueFiles": ["values-prod.yaml"]}}, first, release="web", namespace="ns")
+    with pytest.raises(model.ComparisonError, match="not a Helm chart"):
+        render(git, {**source, "path": "nowhere"}, first, release="web", namespace="ns")
     with pytest.raises(model.ComparisonError):
         git.resolve(str(tmp_path / "missing.git"), "main")
