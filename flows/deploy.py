@@ -25,6 +25,7 @@ from delivery.report import Report
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
 from flows.common import commit_author, publish, read_back, verify, work_dir
+from flows.rollback import rollback
 from tasks import gitops, images, records, trailers, values
 
 
@@ -196,8 +197,6 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
 
 def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failure: DeliveryError, *,
                      sync_timeout: float, rollout_timeout: float, health_timeout: float) -> Any:
-    from flows.rollback import rollback
-
     log = get_logger()
     bad = report.tag
     try:

@@ -3,12 +3,14 @@ does not render fails the deploy end to end, naming helm's own error, as it woul
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import git
 
 from delivery.config import load_config
 from flows.deploy import deploy
+from tasks import argocd
 from tests.flows.conftest import health
 
 APP, ENV, REF = "workout-api", "staging", "refs/heads/main"
@@ -44,3 +46,21 @@ def test_a_chart_that_does_not_render_fails_the_deploy(stack, source, tmp_path: 
         assert health(env.health_url)[1].get("version") == serving, "the running version was never replaced"
     finally:
         _commit(clone, TEMPLATE, good, "chore(helm): fix the template")
+        _settle(clone)
+
+
+def _settle(clone: git.Repo) -> None:
+    """Leave every environment as found: Argo CD notices the fix at its next poll (180 s here), so ask
+    for the refresh now and wait until each Application compares cleanly again."""
+    head = clone.git.rev_parse("origin/main")
+    app = load_config().app(APP)
+    deadline = time.monotonic() + 120
+    for env in app.environments.values():
+        argocd.request_refresh(env.application, namespace=env.argocd_namespace)
+    for env in app.environments.values():
+        while True:
+            st = argocd.application_status(env.application, namespace=env.argocd_namespace)
+            if st.sync_status == "Synced" and st.sync_revision == head and st.health_status == "Healthy":
+                break
+            assert time.monotonic() < deadline, f"{env.application} did not settle after the fix: {st}"
+            time.sleep(0.5)
