@@ -61,6 +61,7 @@ print_env() {
   echo "KUBE_BIN_DIR=$KUBE_DIR"
   echo "ARGOCD_BIN_DIR=$ARGOCD_DIR"
   echo "PAUSE_IMAGE=$PAUSE_IMAGE"
+  echo "GOMODCACHE=$GOMODCACHE"
 }
 if [ "${1:-}" = "--print-env" ]; then print_env; exit 0; fi
 
