@@ -172,7 +172,7 @@ if wants pause; then
     tmp=$(mktemp -d)
     cp "$pause_dir/pause" "$tmp/pause"
     tar -C "$tmp" --owner=0 --group=0 -cf "$tmp/rootfs.tar" pause
-    docker import -q -c 'USER 65535:65535' -c 'ENTRYPOINT ["/pause"]' "$tmp/rootfs.tar" \
+    docker import -c 'USER 65535:65535' -c 'ENTRYPOINT ["/pause"]' "$tmp/rootfs.tar" \
       "$REGISTRY/$repo:$pause_tag" >/dev/null
     rm -rf "$tmp"
     for tag in $tags; do
