@@ -10,13 +10,9 @@ from delivery.errors import DeliveryError
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    if args.real:
-        from sandbox import real
-
-        return real.cli(args.action)
     from sandbox import manager
 
-    return manager.cli(args.action)
+    return manager.cli(args.action, real=args.real)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -91,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="the one-machine environment (registry, Git, Kubernetes/Argo CD emulators)")
     sb.add_argument("action", choices=["up", "down", "status", "reset"])
     sb.add_argument("--real", action="store_true",
-                    help="the real tier: a one-node Kubernetes and Argo CD core built from Go modules (minutes "
-                         "the first time)")
+                    help="on the real tier: a one-node Kubernetes and Argo CD core built from Go modules "
+                         "(minutes the first time) instead of the emulators")
     sb.set_defaults(func=_sandbox)
 
     up = sub.add_parser("up", help="start the sandbox, Prefect server, serve process and webhook receiver")

@@ -332,8 +332,11 @@ def _set_tag(values: Path, tag: str) -> None:
 class Sandbox:
     def __init__(self, root: Path | None = None, *, reconcile_interval: float = 180,
                  progress_deadline: float | None = None, prefect: bool = True, app_port_base: int = APP_PORT_BASE,
-                 kube_port: int | None = None, kube_args: list[str] | None = None) -> None:
+                 kube_port: int | None = None, kube_args: list[str] | None = None, real: bool = False) -> None:
         self.root = Path(root if root is not None else get_settings().sandbox_dir).resolve()
+        # The real tier (sandbox/real.py): a real Kubernetes and Argo CD instead of the emulators; the
+        # repositories, images and config are the same, only the cluster behind the kubeconfig differs.
+        self.real = real
         # Extra arguments for `python -m sandbox.kube`, e.g. ["--drop-watch-after", "1"] for fault tests.
         self.kube_args = list(kube_args or [])
         self.reconcile_interval = reconcile_interval
@@ -402,7 +405,8 @@ class Sandbox:
         parts: dict[str, Any] = raw.setdefault("parts", {})
         # What `status` and `down` from a later CLI call need to know about this sandbox.
         raw["options"] = {"prefect": self.prefect, "reconcile_interval": self.reconcile_interval,
-                          "progress_deadline": self.progress_deadline, "app_port_base": self.app_port_base}
+                          "progress_deadline": self.progress_deadline, "app_port_base": self.app_port_base,
+                          "real": self.real}
         self._save(raw)
 
         self._engine_part(parts, "dockerd", lambda: engine.ensure_dockerd(self.logs), engine.docker_ok,
@@ -415,7 +419,7 @@ class Sandbox:
         # Slow starters first, waited for last.
         prefect_rec = self._start_prefect(parts) if self.prefect else None
         self._save(raw)
-        kube_url = self._start_kube(parts)
+        kube_url = self._real_cluster().up()["server"] if self.real else self._start_kube(parts)
         self._save(raw)
 
         initial_tags = {}
@@ -427,12 +431,19 @@ class Sandbox:
             self._ensure_initial_image(a, initial_tags[a.name])
         initial_tag = initial_tags[APP]
 
-        write_kubeconfig(self.kubeconfig, kube_url)
+        if self.real:
+            shutil.copyfile(self._real_cluster().kubeconfig, self.kubeconfig)
+            os.chmod(self.kubeconfig, 0o600)
+            self._create_app_secrets()
+        else:
+            write_kubeconfig(self.kubeconfig, kube_url)
         self._apply_applications()
         self._write_json(self.ports_file, self.ports)
         self._write_config()
 
-        self._start_argocd(parts)
+        if not self.real:
+            # On the real tier Argo CD's own controller and repo-server run (started by RealCluster).
+            self._start_argocd(parts)
         self._save(raw)
 
         prefect_url = None
@@ -451,6 +462,31 @@ class Sandbox:
         raw["state"] = asdict(state)
         self._save(raw)
         return state
+
+    def _real_cluster(self) -> Any:
+        from sandbox.real import RealCluster
+
+        return RealCluster(self.root / "real")
+
+    def _create_app_secrets(self) -> None:
+        """The Secret the workout-api chart reads (`workout-api-secrets`), made out of band in each of its
+        namespaces as its values.yaml says a team does: random values, never in Git. The emulator ignores
+        secretKeyRefs; a real kubelet does not start the container without them."""
+        import secrets as pysecrets
+
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        try:
+            core = client.CoreV1Api(api)
+            for env in ENVIRONMENTS:
+                _create_ok_if_exists(lambda ns=env.namespace: core.create_namespace({"metadata": {"name": ns}}))
+                body = {"metadata": {"name": f"{APP}-secrets"}, "type": "Opaque", "stringData": {
+                    "django-secret-key": pysecrets.token_urlsafe(32), "postgres-password": pysecrets.token_urlsafe(24),
+                    "mongodb-password": pysecrets.token_urlsafe(24)}}
+                _create_ok_if_exists(lambda ns=env.namespace, body=body: core.create_namespaced_secret(ns, body))
+        finally:
+            api.close()
 
     def _engine_part(self, parts: dict[str, Any], name: str, ensure: Any, ok: Any, address: str) -> None:
         rec = parts.get(name)
@@ -591,8 +627,10 @@ class Sandbox:
                                    f"{res.stderr.strip()}")
             for doc in YAML(typ="safe").load_all(res.stdout):
                 if isinstance(doc, dict) and doc.get("kind") == "Application":
-                    # The committed manifests name the GitHub repository; the sandbox serves its own.
-                    doc["spec"]["source"]["repoURL"] = str(self.gitops_remote)
+                    # The committed manifests name the GitHub repository; the sandbox serves its own
+                    # (real Argo CD wants a URL: file:// is what its own e2e tests use).
+                    doc["spec"]["source"]["repoURL"] = (f"file://{self.gitops_remote}" if self.real
+                                                        else str(self.gitops_remote))
                     apps.append(doc)
         return apps
 
@@ -629,9 +667,13 @@ class Sandbox:
                     entry["branches"] = list(e.branches)
                 if e.tags:
                     entry["tags"] = list(e.tags)
+                # On the real tier the app is reached through the API server's service proxy (the
+                # Service in front of the pods, as the chart renders it: port 80).
+                health = (f"kube-proxy://{e.namespace}/{a.name}:80/api/health/" if self.real
+                          else f"http://127.0.0.1:{self.ports[a.application(e)]}/api/health/")
                 entry.update(values_file=f"values-{e.name}.yaml", application=a.application(e),
                              argocd_namespace="argocd", namespace=e.namespace, deployment=a.name,
-                             health_url=f"http://127.0.0.1:{self.ports[a.application(e)]}/api/health/")
+                             health_url=health)
                 envs[e.name] = entry
             apps[a.name] = {
                 "source_repo": str(self.source_remote_of(a.name)),
@@ -705,6 +747,8 @@ class Sandbox:
     def down(self) -> None:
         raw = self._load()
         parts = raw.get("parts", {})
+        if (raw.get("options") or {}).get("real") or self.real:
+            self._real_cluster().down()
         for name in ("argocd", "prefect", "kube", "registry", "dockerd"):
             rec = parts.get(name)
             if name == "dockerd":
@@ -760,9 +804,14 @@ def _create_ok_if_exists(create: Any) -> None:
 SANDBOX_PROGRESS_DEADLINE = 15
 
 
-def cli(action: str) -> int:
-    """`delivery sandbox <action>`; prints what it did and returns the exit code."""
-    sb = Sandbox(progress_deadline=SANDBOX_PROGRESS_DEADLINE)
+def cli(action: str, *, real: bool = False) -> int:
+    """`delivery sandbox <action> [--real]`; prints what it did and returns the exit code."""
+    sb = Sandbox(progress_deadline=SANDBOX_PROGRESS_DEADLINE, real=real)
+    was_real = (sb._load().get("options") or {}).get("real")
+    if action == "up" and was_real is not None and bool(was_real) != real:
+        print(f"{sb.root} holds a sandbox on the {'real tier' if was_real else 'emulators'}; "
+              "`delivery sandbox reset` it first (or set DELIVERY_SANDBOX_DIR to another directory)")
+        return 1
     if action == "up":
         t0 = time.monotonic()
         st = sb.up()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -221,6 +222,7 @@ class RealCluster:
         self._start_node(parts, raw, kube, ip, env)
         self._start_argocd(parts, raw, env)
         raw["up_seconds"] = round(time.monotonic() - t0, 1)
+        raw["server"] = self.server
         self._save(raw)
         return raw
 
@@ -356,8 +358,15 @@ state = "{run / 'containerd-state'}"
         ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}}
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                      stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [ns, *keep]}))
-        self.kubectl("wait", "--for=condition=Established", "crd/applications.argoproj.io",
-                     "crd/appprojects.argoproj.io", "--timeout=60s")
+        deadline = time.monotonic() + 60
+        for crd in ("applications.argoproj.io", "appprojects.argoproj.io"):
+            # Polled: `kubectl wait` errors out on a CRD whose status has no conditions yet.
+            while not any(c.get("type") == "Established" and c.get("status") == "True" for c in
+                          (json.loads(self.kubectl("get", "crd", crd, "-o", "json")).get("status") or {})
+                          .get("conditions") or []):
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"CRD {crd} was not established within 60 s")
+                time.sleep(0.5)
         project = {"apiVersion": "argoproj.io/v1alpha1", "kind": "AppProject",
                    "metadata": {"name": "default", "namespace": "argocd"},
                    "spec": {"sourceRepos": ["*"], "destinations": [{"namespace": "*", "server": "*"}],
@@ -449,16 +458,77 @@ state = "{run / 'containerd-state'}"
     # -- down, status
 
     def down(self) -> None:
+        """Stop every recorded part, and leave the machine so that `up` works again: the pods' containers
+        (containerd's shims outlive it), their network namespaces, mounts under the root, the CNI bridge
+        and the iptables chains the CNI plugins made."""
         raw = self._load()
         parts = raw.get("parts", {})
-        for name in ("argocd-application-controller", "argocd-repo-server", "redis", "kubelet", "containerd",
-                     "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("argocd-application-controller", "argocd-repo-server", "redis", "kubelet"):
+            rec = parts.pop(name, None)
+            if rec:
+                _stop(rec, timeout=15)
+        if parts.get("containerd") and _alive(parts["containerd"]):
+            self._remove_pods()
+        rec = parts.pop("containerd", None)
+        if rec:
+            _stop(rec, timeout=15)
+        self._clean_node()
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             rec = parts.pop(name, None)
             if rec:
                 _stop(rec, timeout=15)
         raw["parts"] = parts
         if self.state_file.exists():
             self._save(raw)
+
+    def _ctr(self, *args: str) -> str:
+        res = subprocess.run(["ctr", "--address", str(self.containerd_socket), "--namespace", "k8s.io", *args],
+                             capture_output=True, text=True, check=False, timeout=60)
+        return res.stdout
+
+    def _remove_pods(self) -> None:
+        for line in self._ctr("tasks", "ls", "-q").split():
+            self._ctr("tasks", "kill", "--signal", "SIGKILL", line)
+        deadline = time.monotonic() + 20
+        while self._ctr("tasks", "ls", "-q").split() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for line in self._ctr("tasks", "ls", "-q").split():
+            self._ctr("tasks", "delete", "--force", line)
+        for line in self._ctr("containers", "ls", "-q").split():
+            self._ctr("containers", "delete", line)
+
+    def _clean_node(self) -> None:
+        def run(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30)
+
+        # Mounts under our root (kubelet volumes, containerd snapshots), deepest first.
+        mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()
+                  if ln.split()[1].startswith(str(self.root) + "/")]
+        for m in sorted(mounts, key=len, reverse=True):
+            run("umount", "-l", m)
+        ipam = self.root / "cni" / "ipam" / "delivery"
+        # The pods' network namespaces (containerd names them cni-<uuid>) hold our bridge's veths.
+        netns = Path("/var/run/netns")
+        if netns.is_dir():
+            for ns in netns.glob("cni-*"):
+                run("ip", "netns", "delete", ns.name)
+        run("ip", "link", "delete", "cni-delivery")
+        # The bridge plugin's masquerade chains (CNI-<hash>), portmap's CNI-HOSTPORT-*, firewall's
+        # CNI-FORWARD / CNI-ADMIN: rules that jump to them first, then the chains.
+        for table in ("nat", "filter"):
+            rules = run("iptables", "-t", table, "-S").stdout.splitlines()
+            for r in rules:
+                if r.startswith("-A ") and " -j CNI-" in r and not r.split()[1].startswith("CNI-"):
+                    run("iptables", "-t", table, *shlex.split(r.replace("-A ", "-D ", 1)))
+            chains = [r.split()[1] for r in rules if r.startswith("-N CNI-")]
+            for c in chains:
+                run("iptables", "-t", table, "-F", c)
+            for c in chains:
+                run("iptables", "-t", table, "-X", c)
+        if ipam.exists():
+            import shutil
+
+            shutil.rmtree(ipam, ignore_errors=True)
 
     def status(self) -> list[tuple[str, bool, str]]:
         raw = self._load()
