@@ -6,6 +6,7 @@ deployed several times in a row (one lucky answer from an old pod behind a Servi
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,25 @@ class _Target:
     cert: Any = None
 
 
+def _tls_context(target: _Target) -> ssl.SSLContext | bool:
+    """One SSL context with the CA and the client certificate: httpx ignores `cert=` once `verify` is a
+    CA path, and a kubeconfig that authenticates by client certificate (kubeadm's, this project's real
+    tier) then reaches the API server as system:anonymous."""
+    if target.verify is False:
+        if not target.cert:
+            return False
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif isinstance(target.verify, str | Path):
+        ctx = ssl.create_default_context(cafile=str(target.verify))
+    else:
+        ctx = ssl.create_default_context()
+    if target.cert:
+        ctx.load_cert_chain(*target.cert)
+    return ctx
+
+
 def _proxy_path(namespace: str, service: str, port: int | str, path: str) -> str:
     path = path if path.startswith("/") else f"/{path}"
     return (f"/api/v1/namespaces/{quote(namespace, safe='')}/services/"
@@ -231,8 +251,7 @@ def probe_health(
     last_answer = "no answer yet"
     logged: set[str] = set()
     with httpx.Client(headers={**target.headers, **(headers or {}), "Accept": "application/json"},
-                      verify=target.verify, cert=target.cert, timeout=request_timeout,
-                      follow_redirects=True) as http:
+                      verify=_tls_context(target), timeout=request_timeout, follow_redirects=True) as http:
         while True:
             answer_text: str
             ok = False
