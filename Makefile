@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job on the sandbox) and `make test`.
-.PHONY: setup test test-faults test-scale test-all lint demo up down bench clean
+.PHONY: setup test test-faults test-real test-scale test-all lint demo up down bench clean
 
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -9,11 +9,16 @@ setup:
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q -m "not faults"
+	.venv/bin/pytest -q -m "not faults and not real"
 
 # Real faults (stopped registry, restarted dockerd, killed processes): slower, so a separate target.
 test-faults: setup
-	.venv/bin/pytest -q -m faults
+	.venv/bin/pytest -q -m "faults and not real"
+
+# The story on a real Kubernetes + Argo CD (built from Go modules on first use: minutes; cached after).
+test-real: setup
+	bash scripts/setup-real.sh
+	.venv/bin/pytest -q -m real tests/real
 
 # Scale-out (PostgreSQL, two workers, ten deploys at once): minutes, not part of `make test`.
 test-scale: setup
