@@ -137,6 +137,25 @@ class PartStatus:
     detail: str = ""
 
 
+# ---------------------------------------------------------------- state.json
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A sandbox's recorded state (parts, pids, options); {} when there is none yet or it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(path: Path, raw: dict[str, Any]) -> None:
+    """Written atomically: a `down` from another shell must never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -385,16 +404,10 @@ class Sandbox:
     # -- state.json
 
     def _load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return {}
+        return load_state(self.state_file)
 
     def _save(self, raw: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name("state.json.tmp")
-        tmp.write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(self.state_file)
+        save_state(self.state_file, raw)
 
     # -- up
 
@@ -730,6 +743,13 @@ class Sandbox:
         detail = ", ".join(["gitops.git", *(f"{a.name}.git" for a in APPS)]) if git_ok else "not seeded"
         out.append(PartStatus("git", str(self.gitops_remote.parent), git_ok, None,
                               "started" if git_ok else "stopped", detail))
+        if options.get("real", self.real):
+            # The real tier's parts, with the pinned versions (sandbox/real.py).
+            for name, ok, detail in self._real_cluster().status():
+                out.append(PartStatus(name, detail, ok, None, "started" if ok else "stopped"))
+            if prefect or "prefect" in parts:
+                part("prefect", f"http://127.0.0.1:{PREFECT_PORT}/api", _http_ok(self._prefect_health))
+            return out
         kube = parts.get("kube") or {}
         kube_url = kube.get("address", "")
         part("kube", kube_url or "-", bool(kube_url) and _alive(kube) and _http_ok(f"{kube_url}/healthz"))
@@ -834,7 +854,8 @@ def cli(action: str, *, real: bool = False) -> int:
             health = "answering" if r.healthy else "not answering"
             pid = f"pid {r.pid}" if r.pid else r.ownership
             print(f"{r.name:<20} {health:<14} {pid:<10} {r.address}" + (f"  ({r.detail})" if r.detail else ""))
-        core = [r for r in rows if r.name in ("dockerd", "registry", "git", "kube", "argocd", "prefect")]
+        core = [r for r in rows if r.name in ("dockerd", "registry", "git", "kube", "argocd", "prefect")
+                or (real and r.address.startswith("pid "))]
         return 0 if core and all(r.healthy for r in core) else 1
     if action == "down":
         sb.down()

@@ -29,7 +29,7 @@ from typing import Any
 
 from delivery.errors import SandboxError
 from delivery.settings import PROJECT_ROOT, get_settings
-from sandbox.manager import _alive, _spawn, _stop, _wait_until
+from sandbox.manager import _alive, _http_ok, _spawn, _stop, _wait_until, load_state, save_state
 from sandbox.pki import Pki
 
 NODE_NAME = "delivery-node"
@@ -143,16 +143,10 @@ class RealCluster:
         return f"https://127.0.0.1:{self.ports.apiserver}"
 
     def _load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return {}
+        return load_state(self.state_file)
 
     def _save(self, raw: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name("state.json.tmp")
-        tmp.write_text(json.dumps(raw, indent=2) + "\n")
-        tmp.replace(self.state_file)
+        save_state(self.state_file, raw)
 
     # -- up
 
@@ -178,7 +172,7 @@ class RealCluster:
                                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.ports.etcd_peer}",
                                    "--initial-cluster", f"{NODE_NAME}=http://127.0.0.1:{self.ports.etcd_peer}",
                                    "--listen-metrics-urls", ""],
-                   ready=lambda: self._http(f"http://127.0.0.1:{self.ports.etcd}/health"), timeout=60)
+                   ready=lambda: _http_ok(f"http://127.0.0.1:{self.ports.etcd}/health"), timeout=60)
         self._save(raw)
         p = self.pki
         self._part(parts, "kube-apiserver", [
@@ -309,7 +303,7 @@ state = "{run / 'containerd-state'}"
             "--kubeconfig", str(self.root / "kubelet.kubeconfig"), "--hostname-override", NODE_NAME,
             "--node-ip", ip, "--root-dir", str(self.root / "kubelet"),
             "--cert-dir", str(self.root / "kubelet" / "pki"),
-        ], ready=lambda: self._http(f"http://127.0.0.1:{self.ports.kubelet_healthz}/healthz"), timeout=120)
+        ], ready=lambda: _http_ok(f"http://127.0.0.1:{self.ports.kubelet_healthz}/healthz"), timeout=120)
         self._save(raw)
 
     def _part(self, parts: dict[str, Any], name: str, argv: list[str], *, ready: Any, timeout: float,
@@ -403,7 +397,7 @@ state = "{run / 'containerd-state'}"
             "--repo-server", f"127.0.0.1:{self.ports.repo_server}", "--repo-server-plaintext",
             "--redis", f"127.0.0.1:{self.ports.redis}", "--metrics-port", str(self.ports.controller_metrics),
             "--loglevel", "info",
-        ], ready=lambda: self._http(f"http://127.0.0.1:{self.ports.controller_metrics}/metrics"), timeout=90,
+        ], ready=lambda: _http_ok(f"http://127.0.0.1:{self.ports.controller_metrics}/metrics"), timeout=90,
             env=common)
         self._save(raw)
 
@@ -415,15 +409,6 @@ state = "{run / 'containerd-state'}"
         with socket.socket() as s:
             s.settimeout(1)
             return s.connect_ex(("127.0.0.1", port)) == 0
-
-    def _http(self, url: str) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback URLs we built
-                return 200 <= r.status < 300
-        except OSError:
-            return False
 
     def _http_any(self, url: str) -> bool:
         """Anything listening with TLS at `url` (health endpoints that want authentication still answer)."""

@@ -216,9 +216,11 @@ def start_fault_env(root: Path, *, kube_args: list[str] | None = None) -> FaultE
         config = root / "delivery.yaml"
         config.write_text(state.config_file.read_text().replace(f"image: {IMAGE_REPOSITORY}\n", f"image: {image}\n"))
         assert f"image: {image}" in config.read_text()
-        for port in state.ports.values():
+        for application, port in state.ports.items():
             url = f"http://127.0.0.1:{port}/api/health/"
-            wait_for(lambda url=url: app_version(url) == state.initial_tag, 90, f"{url} answering the initial tag")
+            # Each app answers its own initial tag (both apps share the environments' names).
+            tag = next(t for name, t in state.initial_tags.items() if application.startswith(f"{name}-"))
+            wait_for(lambda url=url, tag=tag: app_version(url) == tag, 90, f"{url} answering the initial tag")
     except BaseException:
         sb.down()
         registry.kill()
