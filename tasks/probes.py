@@ -106,9 +106,22 @@ def deployment_degraded(deployment: str, namespace: str, *, kubeconfig: Path | s
         dep = read_deployment(deployment, namespace, kubeconfig=kubeconfig)
     except RolloutFailed:
         return None
-    for cond in ((dep or {}).get("status") or {}).get("conditions") or []:
+    reason = degraded_reason(dep)
+    return f"Deployment {namespace}/{deployment}: {reason}" if reason else None
+
+
+def degraded_reason(dep: dict[str, Any] | None) -> str | None:
+    """Pure: `ProgressDeadlineExceeded: <message>` when the Deployment controller has judged the *current*
+    spec a failed rollout, else None. A condition the controller wrote before it observed the current
+    generation belongs to the previous spec: right after a rollback is applied, a real cluster still
+    shows the failed rollout's ProgressDeadlineExceeded until the controller catches up (seen on the
+    real tier; calling that a failure would fail a rollback that is about to succeed)."""
+    meta, status = (dep or {}).get("metadata") or {}, (dep or {}).get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return None
+    for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            return f"Deployment {namespace}/{deployment}: ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
+            return f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
     return None
 
 

@@ -248,3 +248,19 @@ def test_a_later_revision_that_carries_our_change_counts_as_ours():
     # A later revision that no longer names our tag (someone rolled it back) is not ours.
     assert sync_verdict(synced_later, NEW, now=T0 + timedelta(seconds=20),
                         carries=lambda r: False).state == "wait"
+
+
+def test_a_deadline_condition_from_before_the_current_generation_is_not_a_failure() -> None:
+    """Right after a rollback is applied, the failed rollout's ProgressDeadlineExceeded is still on the
+    Deployment until the controller observes the new generation: that is a wait, not a failure."""
+    from tasks.probes import degraded_reason
+
+    cond = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+            "message": 'ReplicaSet "x" has timed out progressing.'}
+    stale = {"metadata": {"generation": 5}, "status": {"observedGeneration": 4, "conditions": [cond]}}
+    current = {"metadata": {"generation": 5}, "status": {"observedGeneration": 5, "conditions": [cond]}}
+    healthy = {"metadata": {"generation": 5}, "status": {"observedGeneration": 5, "conditions": [
+        {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}}
+    assert degraded_reason(stale) is None
+    assert degraded_reason(current) == 'ProgressDeadlineExceeded: ReplicaSet "x" has timed out progressing.'
+    assert degraded_reason(healthy) is None and degraded_reason(None) is None
