@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -320,7 +321,8 @@ state = "{run / 'containerd-state'}"
     def argocd_module_dir(self, env: dict[str, str]) -> Path:
         """Argo CD's module source in the Go module cache: its manifests are applied as they are."""
         module = f"github.com/argoproj/argo-cd/v3@{env['ARGOCD_VERSION']}"
-        res = subprocess.run(["go", "mod", "download", "-json", module],
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        res = subprocess.run([go, "mod", "download", "-json", module],
                              cwd=PROJECT_ROOT / "cluster" / "argocd", capture_output=True, text=True, check=False,
                              timeout=600, env={**os.environ, "GOMODCACHE": env["GOMODCACHE"], "GOFLAGS": "-mod=mod"})
         if res.returncode:
@@ -511,7 +513,6 @@ state = "{run / 'containerd-state'}"
             for c in chains:
                 run("iptables", "-t", table, "-X", c)
         if ipam.exists():
-            import shutil
 
             shutil.rmtree(ipam, ignore_errors=True)
 
@@ -526,8 +527,6 @@ state = "{run / 'containerd-state'}"
     def reset(self) -> None:
         self.down()
         if self.root.exists():
-            import shutil
-
             shutil.rmtree(self.root)
 
 
