@@ -305,8 +305,10 @@ def _status_error(resp: httpx.Response, repository: str, tag: str) -> RegistryEr
 
 
 def manifest_digest(repository: str, tag: str, *, credentials: RegistryCredentials | None = None,
-                    timeout: float = 5, insecure: bool | None = None) -> str | None:
-    """The digest the registry serves for `repository:tag`, or None if it has no such manifest."""
+                    timeout: float | None = None, insecure: bool | None = None) -> str | None:
+    """The digest the registry serves for `repository:tag`, or None if it has no such manifest; each
+    request bounded by `timeout` (default: the `registry_timeout_seconds` setting)."""
+    timeout = get_settings().registry_timeout_seconds if timeout is None else timeout
     resp = _registry_request("HEAD", repository, tag, credentials=credentials, timeout=timeout, insecure=insecure)
     if resp.status_code == 404:
         return None
@@ -325,8 +327,10 @@ def manifest_digest(repository: str, tag: str, *, credentials: RegistryCredentia
 
 
 def image_exists(repository: str, tag: str, *, credentials: RegistryCredentials | None = None,
-                 timeout: float = 5, insecure: bool | None = None) -> bool:
-    """True if the registry serves a manifest for `repository:tag` (a manifest HEAD answers 200)."""
+                 timeout: float | None = None, insecure: bool | None = None) -> bool:
+    """True if the registry serves a manifest for `repository:tag` (a manifest HEAD answers 200),
+    within `timeout` (default: the `registry_timeout_seconds` setting)."""
+    timeout = get_settings().registry_timeout_seconds if timeout is None else timeout
     resp = _registry_request("HEAD", repository, tag, credentials=credentials, timeout=timeout, insecure=insecure)
     if resp.status_code == 200:
         return True
