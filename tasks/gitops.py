@@ -176,15 +176,20 @@ def _run(cwd: Path | str, *args: str, env: dict[str, str] | None = None, check: 
     settings = settings or get_settings()
     timeout = settings.git_timeout_seconds
     extra = dict(env or {})
-    remote = ""
-    if args and args[0] in _NETWORK:
-        remote = url or _origin_url(cwd, timeout)
+    network = bool(args) and args[0] in _NETWORK
+    remote = url or ""
+    if network and settings.git_token is not None:
+        # Only a configured token needs the remote up front (its host scopes the header); without
+        # one, no extra `git config` process runs for every fetch and push.
+        remote = remote or _origin_url(cwd, timeout)
         extra.update(auth_env(remote, settings))
     started = time.monotonic()
     try:
         res = _exec(cwd, list(args), extra, timeout)
     except subprocess.TimeoutExpired:
         waited = time.monotonic() - started
+        if network and not remote:
+            remote = _origin_url(cwd, timeout)
         where = f" {redact(remote)}" if remote else f" in {cwd}"
         raise GitError(f"git {args[0]}{where} did not finish within {timeout:g} s (waited {waited:.1f} s; "
                        "killed)", transient=True) from None
