@@ -12,6 +12,7 @@ import os
 import random
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -68,13 +69,20 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     root = tmp_path_factory.mktemp("sandbox")
     sb = Sandbox(root, prefect=False, reconcile_interval=180, progress_deadline=SANDBOX_PROGRESS_DEADLINE,
                  app_port_base=free_port_block())
+    with running(sb) as state:
+        yield state
+
+
+@contextmanager
+def running(sb: object, extra_env: dict[str, str] | None = None) -> Iterator[object]:
+    """`sb` up, with the settings pointing at it while it lives; down afterwards (also on a failed up)."""
     try:
         state = sb.up()
     except BaseException:
         sb.down()
         raise
     old = _set_env({"DELIVERY_SANDBOX_DIR": str(state.root), "DELIVERY_CONFIG_FILE": str(state.config_file),
-                    "DELIVERY_KUBECONFIG": str(state.kubeconfig)})
+                    "DELIVERY_KUBECONFIG": str(state.kubeconfig), **(extra_env or {})})
     try:
         yield state
     finally:

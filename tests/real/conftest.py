@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from delivery.settings import get_settings
-from tests.fixtures_sandbox import _restore_env, _set_env, free_port_block
+from tests.fixtures_sandbox import free_port_block, running
 
 # Short enough that a release that never becomes ready is judged within the tests' waits; the chart's
 # own default (600 s) is what a real team keeps.
@@ -23,16 +22,5 @@ def real(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterator
     root = tmp_path_factory.mktemp("real-sandbox")
     sb = Sandbox(root, prefect=False, reconcile_interval=180, progress_deadline=PROGRESS_DEADLINE, real=True,
                  app_port_base=free_port_block())
-    try:
-        state = sb.up()
-    except BaseException:
-        sb.down()
-        raise
-    old = _set_env({"DELIVERY_SANDBOX_DIR": str(state.root), "DELIVERY_CONFIG_FILE": str(state.config_file),
-                    "DELIVERY_KUBECONFIG": str(state.kubeconfig), "DELIVERY_WORK_DIR": str(root / "work")})
-    get_settings.cache_clear()
-    try:
+    with running(sb, {"DELIVERY_WORK_DIR": str(root / "work")}) as state:
         yield state
-    finally:
-        _restore_env(old)
-        sb.down()
