@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # One HTTP request to the app or Argo CD's server; waits retry within their own timeout.
     http_timeout_seconds: float = Field(default=5, gt=0)
 
+    # A new pod whose container runs but has not once passed readiness after this long fails the
+    # rollout (and the deploy rolls back) instead of waiting out the Deployment's progress deadline
+    # (600 s in the chart). It must cover the readiness probe's initial delay plus its failure
+    # threshold × period (2 + 3 × 5 s in the chart) with room for a slow start.
+    readiness_grace_seconds: float = Field(default=60, gt=0)
+
     # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
     kubeconfig: Path | None = None
 

@@ -34,7 +34,10 @@ def commit_author() -> tuple[str, str]:
 def verify(report: Report, env: Environment, revision: str, tag: str, sync_timeout: float,
            rollout_timeout: float, health_timeout: float, *, repo: Any, values_path: str) -> None:
     """Argo CD synced and healthy at `revision` (or a later one carrying our change), the rollout
-    complete, and the app answering `tag`; raises the stage's `DeliveryError` otherwise."""
+    complete, and the app answering `tag`; raises the stage's `DeliveryError` otherwise. Both waits
+    watch the new pods too, so a release that cannot become ready fails in seconds, naming the pod,
+    the container and the kubelet's reason, instead of after the 600 s progress deadline."""
+    grace = get_settings().readiness_grace_seconds
     with report.stage("argocd-refresh"):
         argocd.request_refresh_task(env.application, namespace=env.argocd_namespace)
     with report.stage("argocd-sync"):
@@ -43,11 +46,11 @@ def verify(report: Report, env: Environment, revision: str, tag: str, sync_timeo
         status = argocd.wait_for_sync_task(env.application, revision, timeout=sync_timeout,
                                            namespace=env.argocd_namespace,
                                            carries=gitops.carries_change(repo, revision, values_path, tag),
-                                           deployment_degraded=lambda: probes.deployment_degraded(
-                                               env.deployment, env.namespace))
+                                           workload_failure=probes.FailureWatch(
+                                               env.deployment, env.namespace, readiness_grace=grace))
         report.argocd = argocd.describe(status)
     with report.stage("rollout"):
-        probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout)
+        probes.wait_for_rollout_task(env.deployment, env.namespace, timeout=rollout_timeout, readiness_grace=grace)
     with report.stage("health"):
         answer = probes.probe_health_task(env.health_url, expect_version=tag, timeout=health_timeout,
                                          request_timeout=get_settings().http_timeout_seconds)

@@ -313,7 +313,7 @@ def root_commit(bare: Path, branch: str = "main") -> str:
     return _git("rev-list", "--max-parents=0", branch, cwd=bare).splitlines()[-1]
 
 
-def _set_values(values: Path, repository: str, progress_deadline: float | None) -> None:
+def _set_values(values: Path, repository: str) -> None:
     from ruamel.yaml import YAML
 
     yaml = YAML()  # round-trip: comments and order stay
@@ -321,8 +321,6 @@ def _set_values(values: Path, repository: str, progress_deadline: float | None) 
     yaml.width = 4096
     data = yaml.load(values.read_text())
     data["image"]["repository"] = repository
-    if progress_deadline is not None:
-        data["progressDeadlineSeconds"] = max(1, int(round(progress_deadline)))
     with open(values, "w") as f:
         yaml.dump(data, f)
 
@@ -350,7 +348,7 @@ def _set_tag(values: Path, tag: str) -> None:
 
 class Sandbox:
     def __init__(self, root: Path | None = None, *, reconcile_interval: float = 180,
-                 progress_deadline: float | None = None, prefect: bool = True, app_port_base: int = APP_PORT_BASE,
+                 prefect: bool = True, app_port_base: int = APP_PORT_BASE,
                  kube_port: int | None = None, kube_args: list[str] | None = None, real: bool = False) -> None:
         self.root = Path(root if root is not None else get_settings().sandbox_dir).resolve()
         # The real tier (sandbox/real.py): a real Kubernetes and Argo CD instead of the emulators; the
@@ -359,7 +357,6 @@ class Sandbox:
         # Extra arguments for `python -m sandbox.kube`, e.g. ["--drop-watch-after", "1"] for fault tests.
         self.kube_args = list(kube_args or [])
         self.reconcile_interval = reconcile_interval
-        self.progress_deadline = progress_deadline
         self.prefect = prefect
         self.app_port_base = app_port_base
         self.kube_port = kube_port
@@ -418,7 +415,7 @@ class Sandbox:
         parts: dict[str, Any] = raw.setdefault("parts", {})
         # What `status` and `down` from a later CLI call need to know about this sandbox.
         raw["options"] = {"prefect": self.prefect, "reconcile_interval": self.reconcile_interval,
-                          "progress_deadline": self.progress_deadline, "app_port_base": self.app_port_base,
+                          "app_port_base": self.app_port_base,
                           "real": self.real}
         self._save(raw)
 
@@ -566,8 +563,6 @@ class Sandbox:
                 "--interval", str(self.reconcile_interval), "--ports-file", str(self.ports_file),
                 "--root", str(self.root), "--cache-dir", str(self.root / "argocd-cache"),
                 "--log-file", str(self.logs / "argocd.log")]
-        if self.progress_deadline is not None:
-            argv += ["--progress-deadline", str(max(1, int(round(self.progress_deadline))))]
         new = _spawn("argocd", argv, self.logs / "argocd.out")
         new["address"] = f"kubeconfig {self.kubeconfig}"
         parts["argocd"] = new
@@ -601,7 +596,7 @@ class Sandbox:
                                 ignore=shutil.ignore_patterns("__pycache__", "charts", "*.tgz"))
             for a in APPS:
                 chart = tree / a.chart_path
-                _set_values(chart / "values.yaml", a.image, self.progress_deadline)
+                _set_values(chart / "values.yaml", a.image)
                 for env in a.environments:
                     _set_tag(chart / f"values-{env.name}.yaml", initial_tags[a.name])
             listed = ", ".join(f"{a.name} {initial_tags[a.name]}" for a in APPS)
@@ -819,14 +814,9 @@ def _create_ok_if_exists(create: Any) -> None:
             raise SandboxError(f"could not create a sandbox object: {e.status} {e.reason}") from e
 
 
-# A short progress deadline so a release that never becomes ready is Degraded in seconds, not
-# Kubernetes' default 10 minutes (the chart keeps 600 s for real clusters).
-SANDBOX_PROGRESS_DEADLINE = 15
-
-
 def cli(action: str, *, real: bool = False) -> int:
     """`delivery sandbox <action> [--real]`; prints what it did and returns the exit code."""
-    sb = Sandbox(progress_deadline=SANDBOX_PROGRESS_DEADLINE, real=real)
+    sb = Sandbox(real=real)
     was_real = (sb._load().get("options") or {}).get("real")
     if action == "up" and was_real is not None and bool(was_real) != real:
         print(f"{sb.root} holds a sandbox on the {'real tier' if was_real else 'emulators'}; "

@@ -110,9 +110,9 @@ def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
     old = read_state()
     env = dict(os.environ)
     if _targets_sandbox():
-        from sandbox.manager import SANDBOX_PROGRESS_DEADLINE, Sandbox
+        from sandbox.manager import Sandbox
 
-        st = Sandbox(s.sandbox_dir, prefect=True, progress_deadline=SANDBOX_PROGRESS_DEADLINE).up()
+        st = Sandbox(s.sandbox_dir, prefect=True).up()
         api = st.prefect_api_url
         env.update(DELIVERY_CONFIG_FILE=str(st.config_file), DELIVERY_KUBECONFIG=str(st.kubeconfig))
     else:

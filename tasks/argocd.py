@@ -98,7 +98,7 @@ def sync_verdict(
     now: datetime | None = None,
     degraded_grace: float = 60.0,
     carries: Callable[[str], bool] | None = None,
-    deployment_degraded: Callable[[], str | None] | None = None,
+    workload_failure: Callable[[], str | None] | None = None,
 ) -> Verdict:
     """Is `application` synced and healthy at `revision` (a full commit SHA)? Pure, given its callbacks.
 
@@ -113,9 +113,11 @@ def sync_verdict(
     - `reconciledAt >= operationState.finishedAt` when there is an operation state: the health we read
       was assessed after the last sync (hint "refresh" when it lags for long);
     - `health.status == Healthy`.
-    A Failed/Error operation for our revision fails. Degraded fails at once when `deployment_degraded`
-    names a Degraded Deployment (ProgressDeadlineExceeded); other kinds (an HPA briefly Degraded during
-    a rollout, argo-cd #28522) get `degraded_grace` seconds first.
+    A Failed/Error operation for our revision fails. Degraded fails at once when `workload_failure`
+    names a failed rollout (ProgressDeadlineExceeded, or a new pod that cannot become ready); other
+    kinds (an HPA briefly Degraded during a rollout, argo-cd #28522) get `degraded_grace` seconds
+    first. Progressing fails when `workload_failure` names a new pod that will not become ready:
+    Argo CD itself says Progressing until the Deployment's 600 s progress deadline has passed.
     """
     now = now or datetime.now(UTC)
     status = application.get("status") or {}
@@ -174,7 +176,7 @@ def sync_verdict(
         return Verdict.done(f"Synced at {_short(revision)} and Healthy ({how})")
     if health in ("Degraded", "Missing"):
         detail = _health_message(status)
-        cause = deployment_degraded() if deployment_degraded is not None else None
+        cause = workload_failure() if workload_failure is not None else None
         if cause:
             return Verdict.failed(f"{health}: {cause}")
         since_t = finished or reconciled or now
@@ -183,6 +185,10 @@ def sync_verdict(
             return Verdict.wait(f"{health} {since:.0f} s after sync (grace {degraded_grace:.0f} s)"
                                 + (f": {detail}" if detail else ""))
         return Verdict.failed(f"{health}" + (f": {detail}" if detail else ""))
+    if health == "Progressing" and workload_failure is not None:
+        cause = workload_failure()
+        if cause:
+            return Verdict.failed(f"{health}: {cause}")
     return Verdict.wait(f"health {health or 'not reported'}")
 
 
@@ -325,7 +331,7 @@ def wait_for_sync(
     kubeconfig: Path | str | None = None,
     tick: float = 1.5,
     carries: Callable[[str], bool] | None = None,
-    deployment_degraded: Callable[[], str | None] | None = None,
+    workload_failure: Callable[[], str | None] | None = None,
 ) -> AppStatus:
     """Watch the Application until it is synced and healthy at `revision` (a full 40-hex commit SHA),
     or at a later revision that `carries` our change (see `sync_verdict`).
@@ -348,7 +354,7 @@ def wait_for_sync(
         if obj is None:
             return Verdict.wait("Application does not exist")
         verdict = sync_verdict(obj, revision, degraded_grace=degraded_grace, carries=carries,
-                               deployment_degraded=deployment_degraded)
+                               workload_failure=workload_failure)
         # reconciledAt lags the sync: ask for the compare now rather than wait up to 180 s for the
         # periodic one; at most every few seconds and a bounded number of times.
         if (verdict.hint == "refresh" and refreshed["count"] < 10
@@ -406,10 +412,10 @@ def request_refresh_task(app: str, namespace: str = "argocd", hard: bool = True)
 @task(name="wait-for-sync", cache_policy=NO_CACHE)
 def wait_for_sync_task(app: str, revision: str, timeout: float, namespace: str = "argocd",
                        degraded_grace: float = 60.0, carries: Callable[[str], bool] | None = None,
-                       deployment_degraded: Callable[[], str | None] | None = None) -> AppStatus:
+                       workload_failure: Callable[[], str | None] | None = None) -> AppStatus:
     """No retries: the wait already spans its whole timeout, and a failed sync will not heal by asking again."""
     return wait_for_sync(app, revision, timeout=timeout, namespace=namespace, degraded_grace=degraded_grace,
-                         carries=carries, deployment_degraded=deployment_degraded)
+                         carries=carries, workload_failure=workload_failure)
 
 
 __all__ = [

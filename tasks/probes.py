@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -98,18 +100,6 @@ def read_deployment(deployment: str, namespace: str, *,
     return json.loads(resp.data)
 
 
-def deployment_degraded(deployment: str, namespace: str, *, kubeconfig: Path | str | None = None) -> str | None:
-    """Why the Deployment is Degraded the way Argo CD means it (Progressing=False with
-    ProgressDeadlineExceeded), or None: not degraded, absent, or unreadable right now (the caller
-    then falls back to its grace period rather than failing on a read error)."""
-    try:
-        dep = read_deployment(deployment, namespace, kubeconfig=kubeconfig)
-    except RolloutFailed:
-        return None
-    reason = degraded_reason(dep)
-    return f"Deployment {namespace}/{deployment}: {reason}" if reason else None
-
-
 def degraded_reason(dep: dict[str, Any] | None) -> str | None:
     """Pure: `ProgressDeadlineExceeded: <message>` when the Deployment controller has judged the *current*
     spec a failed rollout, else None. A condition the controller wrote before it observed the current
@@ -125,8 +115,200 @@ def degraded_reason(dep: dict[str, Any] | None) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# The new ReplicaSet's pods: fail a release that cannot become ready in seconds, not after the
+# progress deadline. The Deployment's own status says nothing until `progressDeadlineSeconds` (600 s
+# in the chart) have passed; the kubelet's container statuses say it at once.
+
+# Waiting reasons after which the kubelet only backs off and retries the same thing: the release is
+# broken as built or configured, and waiting for the deadline changes nothing.
+FAIL_AT_ONCE = frozenset({"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
+                          "CreateContainerError", "InvalidImageName", "ErrImageNeverPull", "RunContainerError"})
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+NEVER_READY = "NeverReady"
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    pod: str
+    container: str
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"pod {self.pod} container {self.container}: {self.reason}" + (f": {self.message}"
+                                                                             if self.message else "")
+
+
+def _parse_k8s_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _terminated_detail(cs: dict[str, Any]) -> str:
+    term = ((cs.get("lastState") or {}).get("terminated") or {})
+    bits = []
+    if term:
+        bits.append(f"last exit code {term.get('exitCode', '?')}" + (f" ({term['reason']})" if term.get("reason")
+                                                                      else ""))
+    if cs.get("restartCount"):
+        bits.append(f"{cs['restartCount']} restarts")
+    return ", ".join(bits)
+
+
+def pod_failure(pods: list[dict[str, Any]], *, now: datetime, readiness_grace: float) -> PodFailure | None:
+    """Pure: the first container of `pods` (the new ReplicaSet's) that will not become ready, or None.
+
+    - A container waiting with a reason in FAIL_AT_ONCE (the kubelet's words: CrashLoopBackOff,
+      ImagePullBackOff, ...) fails at once, with the kubelet's message and the last exit code;
+    - a container that has been running for more than `readiness_grace` seconds without ever
+      being ready (readiness keeps failing) fails as NeverReady;
+    - a pod in phase Failed fails with its reason.
+    Pods being deleted are skipped: they belong to a scale-down, not to the release's verdict.
+    """
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        name = meta.get("name", "?")
+        statuses = list(status.get("initContainerStatuses") or []) + list(status.get("containerStatuses") or [])
+        for cs in statuses:
+            container = cs.get("name", "?")
+            state = cs.get("state") or {}
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") in FAIL_AT_ONCE:
+                detail = "; ".join(x for x in (str(waiting.get("message") or "").strip(), _terminated_detail(cs)) if x)
+                return PodFailure(name, container, str(waiting["reason"]), redact(_shorten(detail, 400)))
+            running = state.get("running") or {}
+            started = _parse_k8s_time(running.get("startedAt"))
+            if running and not cs.get("ready") and started is not None:
+                ran = (now - started).total_seconds()
+                if ran > readiness_grace:
+                    extra = _terminated_detail(cs)
+                    return PodFailure(name, container, NEVER_READY,
+                                      f"running for {ran:.0f} s without passing its readiness probe "
+                                      f"(grace {readiness_grace:.0f} s)" + (f"; {extra}" if extra else ""))
+        if status.get("phase") == "Failed":
+            return PodFailure(name, "-", str(status.get("reason") or "Failed"),
+                              redact(_shorten(str(status.get("message") or ""), 400)))
+    return None
+
+
+def new_replica_set(deployment: dict[str, Any], replica_sets: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pure: the Deployment's current ReplicaSet, as `kubectl rollout status` finds it: owned by the
+    Deployment and carrying the Deployment's revision annotation. None before the controller has
+    observed the current generation (the revision then still names the previous rollout's)."""
+    meta, status = deployment.get("metadata") or {}, deployment.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return None
+    revision = (meta.get("annotations") or {}).get(REVISION_ANNOTATION)
+    uid = meta.get("uid")
+    if not revision or not uid:
+        return None
+    for rs in replica_sets:
+        rs_meta = rs.get("metadata") or {}
+        owned = any(o.get("uid") == uid for o in rs_meta.get("ownerReferences") or [])
+        if owned and (rs_meta.get("annotations") or {}).get(REVISION_ANNOTATION) == revision:
+            return rs
+    return None
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _selector_text(match_labels: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
+
+
+def _readiness_event(core: client.CoreV1Api, namespace: str, pod: str) -> str:
+    """The kubelet's last `Unhealthy` event for `pod` ("Readiness probe failed: HTTP probe failed
+    with statuscode: 503"), or "" when there is none or events cannot be read."""
+    try:
+        resp = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod}",
+                                          _preload_content=False, _request_timeout=request_timeout())
+        items = json.loads(resp.data).get("items") or []
+    except (ApiException, *STREAM_ERRORS, ValueError):
+        return ""
+    unhealthy = [e for e in items if e.get("reason") == "Unhealthy" and "eadiness" in str(e.get("message", ""))]
+    if not unhealthy:
+        return ""
+    last = max(unhealthy, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return _shorten(str(last.get("message") or ""), 300)
+
+
+def workload_failure(deployment: str, namespace: str, *, readiness_grace: float,
+                     kubeconfig: Path | str | None = None) -> str | None:
+    """Why the Deployment's current rollout has failed, or None (not failed, or unreadable right now:
+    the caller then keeps waiting within its own deadline rather than failing on a read error).
+
+    Either the controller's own verdict (ProgressDeadlineExceeded, see `degraded_reason`) or the
+    first of the new ReplicaSet's pods that will not become ready (see `pod_failure`)."""
+    where = f"Deployment {namespace}/{deployment}"
+    try:
+        dep = read_deployment(deployment, namespace, kubeconfig=kubeconfig)
+    except RolloutFailed:
+        return None
+    if dep is None:
+        return None
+    reason = degraded_reason(dep)
+    if reason:
+        return f"{where}: {reason}"
+    api = api_client(kubeconfig)
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    match = ((dep.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    try:
+        resp = apps.list_namespaced_replica_set(namespace, label_selector=_selector_text(match) or None,
+                                                _preload_content=False, _request_timeout=request_timeout())
+        rs = new_replica_set(dep, json.loads(resp.data).get("items") or [])
+        if rs is None:
+            return None
+        rs_meta = rs.get("metadata") or {}
+        pod_labels = dict(match)
+        template_hash = (rs_meta.get("labels") or {}).get("pod-template-hash")
+        if template_hash:
+            pod_labels["pod-template-hash"] = template_hash
+        resp = core.list_namespaced_pod(namespace, label_selector=_selector_text(pod_labels) or None,
+                                        _preload_content=False, _request_timeout=request_timeout())
+        pods = [p for p in json.loads(resp.data).get("items") or [] if _owned_by(p, rs_meta.get("uid", ""))]
+    except (ApiException, *STREAM_ERRORS, ValueError):
+        return None
+    failure = pod_failure(pods, now=datetime.now(UTC), readiness_grace=readiness_grace)
+    if failure is None:
+        return None
+    text = f"{where}: new ReplicaSet {rs_meta.get('name', '?')}: {failure}"
+    if failure.reason == NEVER_READY:
+        event = _readiness_event(core, namespace, failure.pod)
+        if event:
+            text += f"; last: {event}"
+    return redact(text)
+
+
+class FailureWatch:
+    """`workload_failure` as a callback for the waits, at most once per `interval` seconds: the waits
+    judge on every watch event and tick, and three API reads per judgement would be waste."""
+
+    def __init__(self, deployment: str, namespace: str, *, readiness_grace: float, interval: float = 2.0,
+                 kubeconfig: Path | str | None = None) -> None:
+        self.deployment, self.namespace = deployment, namespace
+        self.readiness_grace, self.interval, self.kubeconfig = readiness_grace, interval, kubeconfig
+        self._at = -float("inf")
+        self._last: str | None = None
+
+    def __call__(self) -> str | None:
+        if time.monotonic() - self._at >= self.interval:
+            self._at = time.monotonic()
+            self._last = workload_failure(self.deployment, self.namespace, readiness_grace=self.readiness_grace,
+                                          kubeconfig=self.kubeconfig)
+        return self._last
+
+
 def wait_for_rollout(deployment: str, namespace: str, *, timeout: float, kubeconfig: Path | str | None = None,
-                     tick: float = 1.5) -> dict[str, Any]:
+                     tick: float = 1.5, failure: Callable[[], str | None] | None = None) -> dict[str, Any]:
     """Watch the Deployment until its rollout is complete; return replicas, image and generation."""
     log = get_logger()
     where = f"deployment {namespace}/{deployment}"
@@ -136,19 +318,29 @@ def wait_for_rollout(deployment: str, namespace: str, *, timeout: float, kubecon
                           namespace=namespace)
 
     def judge(obj: dict[str, Any] | None) -> Verdict:
-        return Verdict.wait(f"{where} not found") if obj is None else rollout_verdict(obj)
+        if obj is None:
+            return Verdict.wait(f"{where} not found")
+        verdict = rollout_verdict(obj)
+        if verdict.state == "wait" and failure is not None:
+            cause = failure()
+            if cause:
+                return Verdict.failed(cause)
+        return verdict
 
     def on_change(obj: dict[str, Any] | None, verdict: Verdict, elapsed: float) -> None:
         log.info(f"{where} ({elapsed:.1f} s): {verdict.reason}")
 
     try:
-        outcome = follow(states, judge, change_key=lambda obj: judge(obj).reason, on_change=on_change)
+        outcome = follow(states, judge, change_key=lambda obj: None if obj is None else rollout_verdict(obj).reason,
+                         on_change=on_change)
     except (ApiException, *STREAM_ERRORS) as e:
         raise RolloutFailed(redact(f"{where}: {api_error_text(e)}"), transient=is_transient(e)) from e
     if outcome.verdict.state == "done" and outcome.state is not None:
         return _rollout_summary(outcome.state)
     if outcome.verdict.state == "failed":
-        raise RolloutFailed(redact(f"{where}: {outcome.verdict.reason}"), transient=False)
+        reason = outcome.verdict.reason
+        raise RolloutFailed(redact(reason if reason.startswith(("Deployment ", where)) else f"{where}: {reason}"),
+                            transient=False)
     if outcome.state is None:
         raise RolloutFailed(f"{where} was not found during the whole {timeout:.0f} s wait", transient=False)
     raise RolloutFailed(redact(f"{where} did not finish rolling out within {timeout:.0f} s; "
@@ -318,8 +510,13 @@ def probe_health(
 
 
 @task(name="wait-for-rollout", cache_policy=NO_CACHE)
-def wait_for_rollout_task(deployment: str, namespace: str, timeout: float) -> dict[str, Any]:
-    return wait_for_rollout(deployment, namespace, timeout=timeout)
+def wait_for_rollout_task(deployment: str, namespace: str, timeout: float,
+                          readiness_grace: float | None = None) -> dict[str, Any]:
+    """With `readiness_grace`, the new pods are watched too and a release that cannot become ready
+    fails within seconds (see `workload_failure`)."""
+    failure = (FailureWatch(deployment, namespace, readiness_grace=readiness_grace)
+               if readiness_grace is not None else None)
+    return wait_for_rollout(deployment, namespace, timeout=timeout, failure=failure)
 
 
 @task(name="probe-health", cache_policy=NO_CACHE)
@@ -331,6 +528,7 @@ def probe_health_task(url: str, expect_version: str, successes: int = 3, interva
 
 
 __all__ = [
-    "HealthAnswer", "parse_kube_proxy_url", "probe_health", "probe_health_task", "rollout_verdict",
+    "FailureWatch", "HealthAnswer", "PodFailure", "new_replica_set", "parse_kube_proxy_url", "pod_failure",
+    "probe_health", "probe_health_task", "rollout_verdict", "workload_failure",
     "wait_for_rollout", "wait_for_rollout_task",
 ]

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 
 import pytest
 
-SANDBOX_PROGRESS_DEADLINE = 10
-
 
 def free_port_block(count: int = 6) -> int:
     """A base port such that base+1 .. base+count are free now (below the ephemeral range, so that
@@ -67,7 +65,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from sandbox.manager import Sandbox
 
     root = tmp_path_factory.mktemp("sandbox")
-    sb = Sandbox(root, prefect=False, reconcile_interval=180, progress_deadline=SANDBOX_PROGRESS_DEADLINE,
+    sb = Sandbox(root, prefect=False, reconcile_interval=180,
                  app_port_base=free_port_block())
     with running(sb) as state:
         yield state

@@ -19,8 +19,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between Git polls of each Application (Argo CD: 120 s + jitter)")
     p.add_argument("--ports-file", type=Path, default=None,
                    help='JSON {"<application>": <host port>} for the stable app ports')
-    p.add_argument("--progress-deadline", type=int, default=None,
-                   help="seconds a rollout may take (default: the Deployment's progressDeadlineSeconds)")
     p.add_argument("--self-heal-interval", type=float, default=5.0)
     p.add_argument("--root", default="default", help="label value that marks this sandbox's containers")
     p.add_argument("--cache-dir", type=Path, default=None, help="where Git caches live (default: a temp dir)")
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="argocd-repo-cache-") as tmp:
         ctl = Controller(kubeconfig=args.kubeconfig, interval=args.interval, ports_file=args.ports_file,
-                         root=args.root, progress_deadline=args.progress_deadline,
+                         root=args.root,
                          self_heal_interval=args.self_heal_interval, cache_dir=args.cache_dir or Path(tmp))
 
         def stop(signum: int, _frame: object) -> None:

@@ -163,8 +163,7 @@ class AppWorker(threading.Thread):
             wl.teardown()
         wl = Workload(app=self.name, namespace=namespace, name=name, api_client=api_client(self.ctl.kubeconfig),
                       root=self.ctl.root, port=self.ctl.port_for(self.name), hub=self.ctl.hub,
-                      notify=lambda: self.request(HEALTH), revision_of=lambda img: self.images.get(img, ""),
-                      progress_deadline=self.ctl.progress_deadline)
+                      notify=lambda: self.request(HEALTH), revision_of=lambda img: self.images.get(img, ""))
         wl.start()
         self.workload = wl
         return wl
@@ -448,13 +447,12 @@ class AppWorker(threading.Thread):
 
 class Controller:
     def __init__(self, *, kubeconfig: Path, interval: float, ports_file: Path | None, root: str,
-                 progress_deadline: int | None, self_heal_interval: float, cache_dir: Path,
+                 self_heal_interval: float, cache_dir: Path,
                  controller_namespace: str = "argocd") -> None:
         self.kubeconfig = kubeconfig
         self.interval = interval
         self.ports_file = ports_file
         self.root = root
-        self.progress_deadline = progress_deadline
         self.self_heal_interval = self_heal_interval
         self.controller_namespace = controller_namespace
         self.git = GitSource(cache_dir)

@@ -80,9 +80,14 @@ def desired_from_manifests(docs: list[Mapping[str, Any]]) -> Desired:
         raise ComparisonError(f"the rendered Deployment has a non-numeric field: {e}") from e
 
 
+def template_hash(image: str) -> str:
+    """The `pod-template-hash` label: it only needs to change with the template (here, the image)."""
+    return hashlib.sha256(image.encode()).hexdigest()[:10]
+
+
 def replica_set_name(deployment: str, image: str) -> str:
-    """`<deployment>-<pod-template-hash>`: the hash only needs to change with the template."""
-    return f"{deployment}-{hashlib.sha256(image.encode()).hexdigest()[:10]}"
+    """`<deployment>-<pod-template-hash>`, as the Deployment controller names its ReplicaSets."""
+    return f"{deployment}-{template_hash(image)}"
 
 
 def deployment_manifest(app_name: str, name: str, namespace: str, d: Desired, *, release: str) -> dict[str, Any]:
@@ -130,6 +135,8 @@ class LiveSpec:
     readiness_path: str
     progress_deadline: int
     generation: int
+    container_name: str = "app"
+    selector: tuple[tuple[str, str], ...] = ()
 
 
 def live_spec(deployment: Mapping[str, Any]) -> LiveSpec | None:
@@ -147,6 +154,9 @@ def live_spec(deployment: Mapping[str, Any]) -> LiveSpec | None:
         readiness_path=probe.get("path") or DEFAULT_READINESS_PATH,
         progress_deadline=int(spec.get("progressDeadlineSeconds") or DEFAULT_PROGRESS_DEADLINE),
         generation=int((deployment.get("metadata") or {}).get("generation") or 1),
+        container_name=str(c.get("name") or "app"),
+        selector=tuple(sorted((str(k), str(v)) for k, v in
+                              (((spec.get("selector") or {}).get("matchLabels")) or {}).items())),
     )
 
 
@@ -412,3 +422,117 @@ def retry_policy(retry: Mapping[str, Any] | None) -> RetryPolicy:
     return RetryPolicy(limit=max(0, limit), duration=_seconds(backoff.get("duration"), 5.0),
                        factor=float(backoff.get("factor") or 2),
                        max_duration=_seconds(backoff.get("maxDuration"), 180.0))
+
+
+# --- Kubernetes ReplicaSets and Pods, as the Deployment controller and the kubelet write them -------
+
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+
+
+def owner(kind: str, obj: Mapping[str, Any], *, api_version: str) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    return {"apiVersion": api_version, "kind": kind, "name": meta.get("name", ""), "uid": meta.get("uid", ""),
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def replica_set_manifest(deployment: Mapping[str, Any], spec: LiveSpec, *, revision: int,
+                         replicas: int) -> dict[str, Any]:
+    """The ReplicaSet of `spec`'s template: owned by the Deployment, labelled with the template hash,
+    annotated with the Deployment revision it was last rolled out as."""
+    meta = deployment.get("metadata") or {}
+    labels = {**dict(spec.selector), "pod-template-hash": template_hash(spec.image)}
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": replica_set_name(meta.get("name", ""), spec.image), "namespace": meta.get("namespace"),
+                     "labels": labels, "annotations": {REVISION_ANNOTATION: str(revision)},
+                     "ownerReferences": [owner("Deployment", deployment, api_version="apps/v1")]},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": spec.container_name, "image": spec.image}]}}},
+    }
+
+
+def pod_manifest(name: str, replica_set: Mapping[str, Any], spec: LiveSpec) -> dict[str, Any]:
+    rs_meta = replica_set.get("metadata") or {}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": rs_meta.get("namespace"),
+                     "labels": dict(rs_meta.get("labels") or {}),
+                     "ownerReferences": [owner("ReplicaSet", replica_set, api_version="apps/v1")]},
+        "spec": {"containers": [{"name": spec.container_name, "image": spec.image,
+                                 "readinessProbe": {"httpGet": {"path": spec.readiness_path,
+                                                                "port": spec.container_port}}}],
+                 "restartPolicy": "Always"},
+    }
+
+
+# What the one container of an emulated pod is doing, in the kubelet's terms.
+CREATING = "creating"      # waiting: ContainerCreating (pulling, starting)
+PULL_ERROR = "pull-error"  # waiting: ErrImagePull on the first failure, ImagePullBackOff after
+RUNNING = "running"        # running; ready once the readiness probe passes
+CRASHED = "crashed"        # waiting: CrashLoopBackOff, last state terminated with an exit code
+EXITED = "exited"          # terminated: the first exit, restarted at once (no back-off yet)
+
+
+@dataclass
+class ContainerState:
+    state: str = CREATING
+    ready: bool = False
+    started_at: str = ""
+    restarts: int = 0
+    reason: str = ""
+    message: str = ""
+    last_exit: int | None = None
+    last_started: str = ""
+    last_finished: str = ""
+
+
+def pod_status(spec: LiveSpec, c: ContainerState, *, created: str, ts: str | None = None) -> dict[str, Any]:
+    """`PodStatus` for the pod's one container, shaped as the kubelet writes it (phase, conditions,
+    containerStatuses with `state`, `lastState`, `ready`, `started`, `restartCount`)."""
+    ts = ts or now_iso()
+    state: dict[str, Any]
+    if c.state == RUNNING:
+        state = {"running": {"startedAt": c.started_at or ts}}
+    elif c.state == CRASHED:
+        state = {"waiting": {"reason": "CrashLoopBackOff", "message": c.message}}
+    elif c.state == EXITED:
+        state = {"terminated": {"exitCode": c.last_exit if c.last_exit is not None else 1,
+                                "reason": "Error" if c.last_exit else "Completed",
+                                "startedAt": c.last_started or created, "finishedAt": c.last_finished or ts}}
+    elif c.state == PULL_ERROR:
+        state = {"waiting": {"reason": c.reason or "ErrImagePull", "message": c.message}}
+    else:
+        state = {"waiting": {"reason": "ContainerCreating"}}
+    cs: dict[str, Any] = {"name": spec.container_name, "image": spec.image, "imageID": "", "ready": c.ready,
+                          "started": c.state == RUNNING, "restartCount": c.restarts, "state": state,
+                          "lastState": {}}
+    if c.last_exit is not None and c.state != EXITED:
+        cs["lastState"] = {"terminated": {"exitCode": c.last_exit, "reason": "Error" if c.last_exit else "Completed",
+                                          "startedAt": c.last_started or created,
+                                          "finishedAt": c.last_finished or ts}}
+    ever_started = c.state in (RUNNING, CRASHED, EXITED)
+    ready = "True" if c.ready else "False"
+    why = {} if c.ready else {"reason": "ContainersNotReady",
+                              "message": f"containers with unready status: [{spec.container_name}]"}
+    return {
+        "phase": "Running" if ever_started else "Pending",
+        "conditions": [
+            {"type": "PodReadyToStartContainers", "status": "True" if ever_started else "False",
+             "lastTransitionTime": created},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": created},
+            {"type": "Ready", "status": ready, "lastTransitionTime": ts, **why},
+            {"type": "ContainersReady", "status": ready, "lastTransitionTime": ts, **why},
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": created},
+        ],
+        "hostIP": "127.0.0.1",
+        "startTime": created,
+        "qosClass": "BestEffort",
+        "containerStatuses": [cs],
+    }
+
+
+def crash_back_off(failures: int) -> float:
+    """The kubelet's back-off after the `failures`-th failure (a container exit, an image pull): none
+    after the first, then 10 s, doubling, capped at 300 s."""
+    return 0.0 if failures <= 1 else float(min(300, 10 * 2 ** (failures - 2)))

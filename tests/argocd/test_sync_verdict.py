@@ -210,10 +210,30 @@ def test_a_degraded_deployment_fails_at_once_other_kinds_get_a_grace() -> None:
     """ProgressDeadlineExceeded on the Deployment fails immediately; a Degraded HPA waits out its grace."""
     doc = app(health="Degraded", finished=25, reconciled=26)
     cause = 'Deployment dev/workout-api: ProgressDeadlineExceeded: ReplicaSet "x" has timed out progressing.'
-    failed = sync_verdict(doc, NEW, now=NOW, deployment_degraded=lambda: cause)
+    failed = sync_verdict(doc, NEW, now=NOW, workload_failure=lambda: cause)
     assert failed.state == "failed" and "ProgressDeadlineExceeded" in failed.reason
-    assert sync_verdict(doc, NEW, now=NOW, deployment_degraded=lambda: None).state == "wait"
-    assert sync_verdict(doc, NEW, now=T0 + timedelta(seconds=90), deployment_degraded=lambda: None).state == "failed"
+    assert sync_verdict(doc, NEW, now=NOW, workload_failure=lambda: None).state == "wait"
+    assert sync_verdict(doc, NEW, now=T0 + timedelta(seconds=90), workload_failure=lambda: None).state == "failed"
+
+
+def test_progressing_fails_when_a_new_pod_cannot_become_ready() -> None:
+    """Argo CD says Progressing for the whole 600 s deadline; a crash-looping new pod fails it now,
+    and a Progressing app whose pods are merely starting keeps waiting."""
+    doc = app(health="Progressing", finished=25, reconciled=26)
+    cause = ("Deployment dev/workout-api: new ReplicaSet workout-api-5d9: "
+             "pod workout-api-5d9-x container app: CrashLoopBackOff")
+    failed = sync_verdict(doc, NEW, now=NOW, workload_failure=lambda: cause)
+    assert failed.state == "failed" and failed.reason == f"Progressing: {cause}"
+    assert sync_verdict(doc, NEW, now=NOW, workload_failure=lambda: None).state == "wait"
+    assert sync_verdict(doc, NEW, now=NOW).state == "wait"
+
+
+def test_pods_are_not_judged_before_argo_cd_synced_our_revision() -> None:
+    """A crash loop of the release before ours (still Progressing at the old revision) is not ours to fail."""
+    doc = app(health="Progressing", finished=25, reconciled=26, revision=OLD)
+    called: list[bool] = []
+    verdict = sync_verdict(doc, NEW, now=NOW, workload_failure=lambda: called.append(True) or "broken")
+    assert verdict.state == "wait" and called == []
 
 
 def test_degraded_grace_is_measured_from_finished_at() -> None:

@@ -25,7 +25,6 @@ from tests.fixtures_sandbox import _restore_env, _set_env, free_port_block
 from tests.source_clone import SourceClone
 
 APP = "workout-api"
-PROGRESS_DEADLINE = 8
 # Short waits: every fault here is expected to show within seconds on the sandbox.
 FAST = {"sync_timeout": 60.0, "rollout_timeout": 45.0, "health_timeout": 30.0}
 
@@ -198,7 +197,7 @@ def start_fault_env(root: Path, *, kube_args: list[str] | None = None) -> FaultE
     """A sandbox (no Prefect server of its own) whose app image lives in a registry of its own."""
     registry = OwnRegistry(root / "registry")
     registry.start()
-    sb = Sandbox(root / "sandbox", prefect=False, reconcile_interval=180, progress_deadline=PROGRESS_DEADLINE,
+    sb = Sandbox(root / "sandbox", prefect=False, reconcile_interval=180,
                  app_port_base=free_port_block(), kube_args=kube_args)
     try:
         state = sb.up()

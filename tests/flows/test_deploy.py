@@ -81,7 +81,11 @@ def test_unhealthy_release_is_rolled_back_automatically(stack, source, tmp_path)
     subjects = [s for _, s in gitops_log(str(stack.gitops_remote), tmp_path, VALUES, n=2)]
     assert subjects == [f"chore(helm): roll back image tag to {_tag(good)}",
                         f"chore(helm): update image tag to {_tag(bad)}"]
-    assert f"`{_tag(good)}`" in _report()
+    report = _report()
+    assert f"`{_tag(good)}`" in report
+    # Caught from the new pod's readiness, long before the chart's 600 s progress deadline, and the
+    # report names the pod, its container and the reason.
+    assert "NeverReady" in report and f"pod {_env().deployment}-" in report and " container " in report
 
 
 def test_broken_build_changes_nothing_in_git(stack, source, tmp_path):

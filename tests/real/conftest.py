@@ -10,17 +10,13 @@ import pytest
 
 from tests.fixtures_sandbox import free_port_block, running
 
-# Short enough that a release that never becomes ready is judged within the tests' waits; the chart's
-# own default (600 s) is what a real team keeps.
-PROGRESS_DEADLINE = 30
-
 
 @pytest.fixture(scope="session")
 def real(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterator[object]:
     from sandbox.manager import Sandbox
 
     root = tmp_path_factory.mktemp("real-sandbox")
-    sb = Sandbox(root, prefect=False, reconcile_interval=180, progress_deadline=PROGRESS_DEADLINE, real=True,
+    sb = Sandbox(root, prefect=False, reconcile_interval=180, real=True,
                  app_port_base=free_port_block())
     with running(sb, {"DELIVERY_WORK_DIR": str(root / "work")}) as state:
         yield state

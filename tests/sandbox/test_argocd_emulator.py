@@ -393,49 +393,81 @@ def test_new_commit_waits_for_the_poll_interval_without_refresh(kube: Kube, imag
     wait_for(lambda: get_app(kube, name), synced_healthy_at(sha2), 60, "sync after the interval", emu)
 
 
-def test_crashing_image_is_degraded_and_old_version_keeps_serving(kube: Kube, images: Images, gitops: GitOps,
-                                                                  start_emulator: Callable[..., Emulator]) -> None:
-    """A release whose container exits: sync Succeeded, health Degraded, the old pod still answers."""
+def pods_of(kube: Kube, namespace: str) -> list[dict[str, Any]]:
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(kube.kubeconfig)))
+    return json.loads(api.list_namespaced_pod(namespace, _preload_content=False).data)["items"]
+
+
+def waiting_reason(pod: dict[str, Any]) -> str:
+    cs = ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+    return str(((cs.get("state") or {}).get("waiting") or {}).get("reason") or "")
+
+
+def test_crashing_image_is_progressing_with_a_crash_looping_pod(kube: Kube, images: Images, gitops: GitOps,
+                                                                start_emulator: Callable[..., Emulator]) -> None:
+    """A release whose container exits, as a real cluster shows it: sync Succeeded, health Progressing
+    (the Deployment has not hit its deadline), the new ReplicaSet's pod in CrashLoopBackOff with
+    restarts, which the pipeline's fail-fast names; the old pod still answers; Degraded at the deadline."""
+    from tasks.probes import workload_failure
+
     name, ns = unique("crash"), unique("ns")
-    sha1 = gitops.commit({"values.yaml": values_yaml(images.repository, "v1", replicas=1)})
+    sha1 = gitops.commit({"values.yaml": values_yaml(images.repository, "v1", replicas=1, deadline=25)})
     emu = start_emulator([name])
     create_app(kube, application(name, gitops, namespace=ns))
     wait_for(lambda: get_app(kube, name), synced_healthy_at(sha1), 90, "first sync", emu)
-    sha2 = gitops.commit({"values.yaml": values_yaml(images.repository, "crash", replicas=1)})
+    sha2 = gitops.commit({"values.yaml": values_yaml(images.repository, "crash", replicas=1, deadline=25)})
     kube.api().patch_namespaced_custom_object(GROUP, VERSION, "argocd", PLURAL, name,
                                               {"metadata": {"annotations": {"argocd.argoproj.io/refresh": "normal"}}})
 
-    def degraded_at_sha2(app: dict[str, Any]) -> bool:
-        st = app.get("status") or {}
-        return (health_is("Degraded")(app) and (st.get("sync") or {}).get("revision") == sha2
-                and st.get("reconciledAt", "") >= ((st.get("operationState") or {}).get("finishedAt") or "~"))
+    def crash_looping(pods: list[dict[str, Any]]) -> bool:
+        return any(waiting_reason(p) == "CrashLoopBackOff" and p["spec"]["containers"][0]["image"].endswith(":crash")
+                   for p in pods)
 
-    app = wait_for(lambda: get_app(kube, name), degraded_at_sha2, 90, "Degraded", emu)
+    pods = wait_for(lambda: pods_of(kube, ns), crash_looping, 60, "a CrashLoopBackOff pod", emu)
+    app = get_app(kube, name)
     st = app["status"]
-    assert st["operationState"]["phase"] == "Succeeded"
-    assert st["operationState"]["syncResult"]["revision"] == sha2
-    assert st["sync"]["status"] == "Synced"
-    assert "CrashLoopBackOff" in st["health"]["message"]
+    assert st["operationState"]["phase"] == "Succeeded" and st["sync"]["revision"] == sha2
+    assert st["health"]["status"] == "Progressing"
+    bad = next(p for p in pods if waiting_reason(p) == "CrashLoopBackOff")
+    cs = bad["status"]["containerStatuses"][0]
+    assert cs["restartCount"] >= 1 and cs["ready"] is False
+    assert cs["lastState"]["terminated"]["exitCode"] != 0
+    owner = bad["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ReplicaSet" and owner["name"].startswith(f"{name}-")
+    cause = workload_failure(name, ns, readiness_grace=60, kubeconfig=kube.kubeconfig)
+    assert cause is not None and f"pod {bad['metadata']['name']}" in cause and "CrashLoopBackOff" in cause
+    assert http_version(emu.ports[name]) == "v1"
+    dep = get_deployment(kube, ns, name)
+    assert dep["status"]["updatedReplicas"] < dep["status"]["replicas"]
+
+    app = wait_for(lambda: get_app(kube, name), health_is("Degraded"), 60, "Degraded at the deadline", emu)
     dep = get_deployment(kube, ns, name)
     progressing = next(c for c in dep["status"]["conditions"] if c["type"] == "Progressing")
     assert progressing["status"] == "False" and progressing["reason"] == "ProgressDeadlineExceeded"
-    assert dep["status"]["updatedReplicas"] < dep["status"]["replicas"]
     assert http_version(emu.ports[name]) == "v1"
 
 
-def test_unpullable_tag_is_degraded_with_a_pull_message(kube: Kube, images: Images, gitops: GitOps,
-                                                       start_emulator: Callable[..., Emulator]) -> None:
-    """A tag missing from the registry: the sync applies, health is Degraded with ImagePullBackOff."""
+def test_unpullable_tag_shows_image_pull_back_off_on_its_pod(kube: Kube, images: Images, gitops: GitOps,
+                                                            start_emulator: Callable[..., Emulator]) -> None:
+    """A tag missing from the registry: the sync applies, health stays Progressing, the pod waits in
+    ErrImagePull/ImagePullBackOff naming the image, and the fail-fast says so."""
+    from tasks.probes import workload_failure
+
     name, ns = unique("pull"), unique("ns")
     sha = gitops.commit({"values.yaml": values_yaml(images.repository, "no-such-tag", replicas=1)})
     emu = start_emulator([name])
     create_app(kube, application(name, gitops, namespace=ns))
-    app = wait_for(lambda: get_app(kube, name), health_is("Degraded"), 90, "Degraded", emu)
-    st = app["status"]
+    pods = wait_for(lambda: pods_of(kube, ns), lambda ps: any(waiting_reason(p) == "ImagePullBackOff" for p in ps),
+                    60, "ImagePullBackOff", emu)
+    st = get_app(kube, name)["status"]
     assert st["operationState"]["phase"] == "Succeeded"
     assert st["operationState"]["syncResult"]["revision"] == sha
-    assert st["health"]["message"].startswith("ImagePullBackOff: ")
-    assert f"{images.repository}:no-such-tag" in st["health"]["message"]
+    assert st["health"]["status"] == "Progressing"
+    waiting = pods[0]["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert f"{images.repository}:no-such-tag" in waiting["message"]
+    assert pods[0]["status"]["phase"] == "Pending"
+    cause = workload_failure(name, ns, readiness_grace=60, kubeconfig=kube.kubeconfig)
+    assert cause is not None and "ImagePullBackOff" in cause
     dep = get_deployment(kube, ns, name)
     assert dep["status"].get("availableReplicas", 0) == 0
     available = next(c for c in dep["status"]["conditions"] if c["type"] == "Available")

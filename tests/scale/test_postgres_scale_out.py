@@ -249,7 +249,7 @@ def _write_config(st: SandboxState, apps: list[ScaleApp], path: Path) -> None:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """A sandbox of this module's own with APPS apps (app-0..), each Healthy at the initial tag."""
     root = tmp_path_factory.mktemp("scale-sandbox")
-    sb = Sandbox(root, prefect=False, reconcile_interval=180, progress_deadline=30, app_port_base=free_port_block())
+    sb = Sandbox(root, prefect=False, reconcile_interval=180, app_port_base=free_port_block())
     try:
         st = sb.up()
         token = uuid.uuid4().hex[:8]
