@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job on the sandbox) and `make test`.
-.PHONY: setup test test-faults test-real test-scale test-all lint demo up down bench clean
+.PHONY: setup test test-faults test-real test-scale test-all lint demo demo-real up up-real down bench clean
 
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -32,8 +32,17 @@ lint: setup
 demo: setup
 	.venv/bin/python -m sandbox.demo
 
+# The same story on the real tier (a one-node Kubernetes and Argo CD built from Go modules).
+demo-real: setup
+	bash scripts/setup-real.sh
+	.venv/bin/python -m sandbox.demo --real
+
 up: setup
 	.venv/bin/delivery up
+
+up-real: setup
+	bash scripts/setup-real.sh
+	.venv/bin/delivery up --real
 
 down:
 	.venv/bin/delivery down

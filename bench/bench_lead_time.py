@@ -129,8 +129,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--startup", type=float, default=None, help="container start-up seconds (default: measure)")
+    p.add_argument("--real", action="store_true", help="on the real tier (delivery up --real)")
     a = p.parse_args()
-    ctx = common.ensure_stack()
+    ctx = common.ensure_stack(real=a.real)
     startup = a.startup
     if startup is None:
         import bench_startup
@@ -138,7 +139,8 @@ def main() -> None:
         startup = bench_startup.run("bench-startup", 3)["startup_s"]["median"]
     out = run(ctx, a.runs, startup)
     out["machine"] = common.machine()
-    say(f"wrote {save('lead_time', out)}")
+    out["tier"] = "real" if a.real else "emulators"
+    say(f"wrote {save('lead_time' + ('_real' if a.real else ''), out)}")
 
 
 if __name__ == "__main__":

@@ -263,11 +263,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-runs", type=int, default=3)
     p.add_argument("--no-revert", action="store_true", help="skip the seed's git-revert restore (one poll less)")
+    p.add_argument("--real", action="store_true", help="on the real tier (delivery up --real)")
     a = p.parse_args()
-    ctx = common.ensure_stack()
+    ctx = common.ensure_stack(real=a.real)
     out = run(ctx, a.new_runs, not a.no_revert)
     out["machine"] = common.machine()
-    say(f"wrote {save('old_way', out)}")
+    out["tier"] = "real" if a.real else "emulators"
+    say(f"wrote {save('old_way' + ('_real' if a.real else ''), out)}")
 
 
 if __name__ == "__main__":

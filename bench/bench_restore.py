@@ -187,11 +187,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--failed", type=int, default=2)
     p.add_argument("--manual", type=int, default=3)
+    p.add_argument("--real", action="store_true", help="on the real tier (delivery up --real)")
     a = p.parse_args()
-    ctx = common.ensure_stack()
+    ctx = common.ensure_stack(real=a.real)
     out = run(ctx, a.failed, a.manual)
     out["machine"] = common.machine()
-    say(f"wrote {save('restore', out)}")
+    out["tier"] = "real" if a.real else "emulators"
+    say(f"wrote {save('restore' + ('_real' if a.real else ''), out)}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ class Ctx:
     app: Any
     secret: str
     quick: bool = False
+    real: bool = False
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     clone_dir: Path = field(default_factory=lambda: ROOT / ".sandbox" / "bench" / "workout-api")
 
@@ -140,23 +141,25 @@ class Ctx:
         return self.app.environment(name)
 
 
-def ensure_stack(*, quick: bool = False) -> Ctx:
-    """`sandbox.stack.up()`: starts whatever part of the stack is not running, reuses the rest."""
+def ensure_stack(*, quick: bool = False, real: bool = False) -> Ctx:
+    """`sandbox.stack.up()`: starts whatever part of the stack is not running, reuses the rest; with
+    `real`, on the real tier (a one-node Kubernetes and Argo CD built from Go modules)."""
     quiet()
     from delivery.config import load_config
     from delivery.settings import get_settings
     from sandbox import stack
 
     t0 = time.monotonic()
-    st = stack.up()
-    say(f"stack up in {time.monotonic() - t0:.1f} s (Prefect {st.prefect_api_url}, webhook {st.webhook_url})")
+    st = stack.up(real=real)
+    say(f"stack up{' on the real tier' if real else ''} in {time.monotonic() - t0:.1f} s "
+        f"(Prefect {st.prefect_api_url}, webhook {st.webhook_url})")
     s = get_settings()
     raw = json.loads((s.sandbox_dir / "state.json").read_text())
     os.environ.setdefault("DELIVERY_CONFIG_FILE", str(s.sandbox_config_file))
     os.environ.setdefault("DELIVERY_KUBECONFIG", str(s.sandbox_kubeconfig))
     cfg = load_config(s.sandbox_config_file)
     return Ctx(stack=st, state=raw, config=cfg, app=cfg.app("workout-api"), secret=stack.sandbox_webhook_secret(),
-               quick=quick, clone_dir=s.sandbox_dir / "bench" / "workout-api")
+               quick=quick, clone_dir=s.sandbox_dir / "bench" / "workout-api", real=real)
 
 
 def stack_pids(ctx: Ctx) -> dict[str, int]:
@@ -242,6 +245,16 @@ def tag_for(ctx: Ctx, branch: str, sha: str) -> str:
 def health(url: str, timeout: float = 1.0) -> tuple[int, str]:
     """(status, version) of the app's health endpoint; (0, error) when it does not answer."""
     from urllib.parse import urlsplit
+
+    if url.startswith("kube-proxy://"):
+        # The real tier: through the API server's service proxy, as the pipeline's probe goes.
+        from tasks.probes import fetch_health
+
+        code, body = fetch_health(url, timeout=max(timeout, 3.0))
+        try:
+            return code, str(json.loads(body).get("version", "")) if code else body
+        except (ValueError, AttributeError):
+            return code, ""
 
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)

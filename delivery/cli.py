@@ -19,7 +19,8 @@ def _up(args: argparse.Namespace) -> int:
     from delivery.settings import get_settings
     from sandbox import stack
 
-    st = stack.up() if args.webhook_port is None else stack.up(webhook_port=args.webhook_port)
+    st = (stack.up(real=args.real) if args.webhook_port is None
+          else stack.up(webhook_port=args.webhook_port, real=args.real))
     print(f"Prefect UI:       {st.prefect_ui_url}")
     print(f"Webhook receiver: {st.webhook_url}/webhooks/github")
     print(f"Logs:             {get_settings().sandbox_dir / 'logs'}/   Stop with: delivery down")
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the sandbox, Prefect server, serve process and webhook receiver")
     up.add_argument("--webhook-port", type=int, default=None, help="default 8080, or DELIVERY_WEBHOOK_PORT")
+    up.add_argument("--real", action="store_true",
+                    help="the sandbox on the real tier (a one-node Kubernetes and Argo CD built from Go modules)")
     up.set_defaults(func=_up)
     sub.add_parser("down", help="stop everything `delivery up` started").set_defaults(func=_down)
     sub.add_parser("status", help="what runs and whether it answers").set_defaults(func=_status)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # rollout (and the deploy rolls back) instead of waiting out the Deployment's progress deadline
     # (600 s in the chart). It must cover the readiness probe's initial delay plus its failure
     # threshold × period (2 + 3 × 5 s in the chart) with room for a slow start.
-    readiness_grace_seconds: float = Field(default=60, gt=0)
+    readiness_grace_seconds: float = Field(default=30, gt=0)
 
     # Kubernetes access: a kubeconfig path; empty means the sandbox's, or in-cluster config.
     kubeconfig: Path | None = None

@@ -17,6 +17,7 @@ and DELIVERY_SANDBOX_DIR, so a second stack can run beside a developer's.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -33,6 +34,7 @@ import git
 from delivery.config import load_config
 from delivery.settings import get_settings
 from sandbox import stack
+from tasks.probes import fetch_health
 
 ZERO = "0" * 40
 
@@ -115,13 +117,8 @@ def wait_run(run_id: str, timeout: float = 300) -> Any:
 
 
 def health(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return f"{r.status} {r.read().decode()[:200]}"
-    except urllib.error.HTTPError as e:
-        return f"{e.code} {e.read().decode()[:200]}"
-    except OSError as e:
-        return f"no answer ({e})"
+    code, body = fetch_health(url, timeout=3)
+    return f"{code} {body[:200]}" if code else f"no answer ({body})"
 
 
 def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: str, edit: dict[str, str],
@@ -146,9 +143,14 @@ def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: s
     return wait_run(answer["runs"][0]["flow_run_id"])
 
 
-def main() -> int:
-    say("starting the sandbox, Prefect server, serve process and webhook receiver (delivery up)")
-    st = stack.up()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox.demo", description="the sandbox story, told")
+    parser.add_argument("--real", action="store_true",
+                        help="on the real tier: a one-node Kubernetes and Argo CD built from Go modules")
+    real = parser.parse_args(argv).real
+    say("starting the sandbox, Prefect server, serve process and webhook receiver (delivery up"
+        + (" --real: a real Kubernetes and Argo CD" if real else "") + ")")
+    st = stack.up(real=real)
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: st.prefect_api_url, PREFECT_UI_URL: st.prefect_ui_url}):
@@ -240,10 +242,10 @@ def _story(st: stack.StackState) -> int:
 
 def _version(url: str) -> str:
     """The version the health endpoint names, or "" when it does not answer with one."""
+    code, body = fetch_health(url, timeout=5)
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return str(json.loads(r.read()).get("version", ""))
-    except (OSError, ValueError):
+        return str(json.loads(body).get("version", "")) if code else ""
+    except (ValueError, AttributeError):
         return ""
 
 

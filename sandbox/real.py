@@ -18,10 +18,12 @@ exactly as it gets the emulator's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -515,6 +517,17 @@ state = "{run / 'containerd-state'}"
         if ipam.exists():
 
             shutil.rmtree(ipam, ignore_errors=True)
+
+    def stop_part(self, name: str, *, kill: bool = False) -> None:
+        """Stop one running part, recorded by pid and start time: SIGKILL with `kill` (a crash), else
+        SIGTERM (an orderly stop). For fault drills; `up(build_first=False)` starts it again."""
+        rec = (self._load().get("parts") or {}).get(name)
+        if not rec or not _alive(rec):
+            raise SandboxError(f"{name} is not running on the real tier")
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(rec["pid"]), signal.SIGKILL)
+        _stop(rec, timeout=15)
 
     def status(self) -> list[tuple[str, bool, str]]:
         raw = self._load()

@@ -103,7 +103,9 @@ def _targets_sandbox() -> bool:
     return s.resolved_config_file() == s.sandbox_config_file
 
 
-def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
+def up(*, webhook_port: int = WEBHOOK_PORT, real: bool = False) -> StackState:
+    """The sandbox (on the emulators, or with `real` on a real Kubernetes and Argo CD), the Prefect
+    server, the serve process and the webhook receiver; what already runs is kept."""
     s = get_settings()
     logs = s.sandbox_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,12 @@ def up(*, webhook_port: int = WEBHOOK_PORT) -> StackState:
     if _targets_sandbox():
         from sandbox.manager import Sandbox
 
-        st = Sandbox(s.sandbox_dir, prefect=True).up()
+        sb = Sandbox(s.sandbox_dir, prefect=True, real=real)
+        was_real = (sb._load().get("options") or {}).get("real")
+        if was_real is not None and bool(was_real) != real:
+            raise SandboxError(f"{s.sandbox_dir} holds a sandbox on the {'real tier' if was_real else 'emulators'}; "
+                               "`delivery sandbox reset` it first (or set DELIVERY_SANDBOX_DIR to another directory)")
+        st = sb.up()
         api = st.prefect_api_url
         env.update(DELIVERY_CONFIG_FILE=str(st.config_file), DELIVERY_KUBECONFIG=str(st.kubeconfig))
     else:

@@ -427,6 +427,23 @@ def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def fetch_health(url: str, *, timeout: float = 5, kubeconfig: Path | str | None = None) -> tuple[int, str]:
+    """One GET of a health URL (http(s):// or kube-proxy://): (status code, body), or (0, why) when
+    nothing answered. For people and reports; the verdict is `probe_health`'s."""
+    if url.startswith(KUBE_PROXY_SCHEME):
+        ns, svc, port, path = parse_kube_proxy_url(url)
+        target = _proxy_target(ns, svc, port, path, kubeconfig)
+    else:
+        target = _Target(url, {})
+    try:
+        with httpx.Client(headers={**target.headers, "Accept": "application/json"}, verify=_tls_context(target),
+                          timeout=timeout, follow_redirects=True) as http:
+            resp = http.get(target.url)
+            return resp.status_code, redact(resp.text)
+    except httpx.HTTPError as e:
+        return 0, redact(f"{type(e).__name__}: {_shorten(str(e)) or 'no detail'}")
+
+
 def probe_health(
     url: str,
     *,
@@ -528,7 +545,7 @@ def probe_health_task(url: str, expect_version: str, successes: int = 3, interva
 
 
 __all__ = [
-    "FailureWatch", "HealthAnswer", "PodFailure", "new_replica_set", "parse_kube_proxy_url", "pod_failure",
-    "probe_health", "probe_health_task", "rollout_verdict", "workload_failure",
-    "wait_for_rollout", "wait_for_rollout_task",
+    "FailureWatch", "HealthAnswer", "PodFailure", "fetch_health", "new_replica_set", "parse_kube_proxy_url",
+    "pod_failure", "probe_health", "probe_health_task", "rollout_verdict", "wait_for_rollout",
+    "wait_for_rollout_task", "workload_failure",
 ]

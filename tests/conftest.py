@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-# A release whose readiness never passes fails after this grace (default 60 s); the sample app is
+# A release whose readiness never passes fails after this grace (default 30 s); the sample app is
 # ready within about 2 s on both tiers, so 20 s still leaves a wide margin.
 os.environ.setdefault("DELIVERY_READINESS_GRACE_SECONDS", "20")
 
