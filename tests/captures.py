@@ -191,8 +191,10 @@ def is_subsequence(small: list[Any], big: list[Any]) -> bool:
 def save(scenario: str, docs: list[dict[str, Any]], versions: dict[str, str]) -> Path:
     CAPTURES.mkdir(parents=True, exist_ok=True)
     path = CAPTURES / f"{scenario}.json"
-    path.write_text(json.dumps({"scenario": scenario, "versions": versions, "documents": docs}, indent=1,
-                               sort_keys=True) + "\n")
+    # One document per line: a re-recording diffs document by document.
+    lines = ",\n".join(json.dumps(d, sort_keys=True) for d in docs)
+    head = json.dumps({"scenario": scenario, "versions": versions}, sort_keys=True)[:-1]
+    path.write_text(f'{head}, "documents": [\n{lines}\n]}}\n')
     return path
 
 
