@@ -10,7 +10,6 @@ interval expires, the refresh annotation appears, the spec changes or an operati
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import random
@@ -76,6 +75,8 @@ class AppWorker(threading.Thread):
         self.error: str | None = None
         self.spec_key: str | None = None
         self.workload: Workload | None = None
+        # Consecutive self-heal syncs of this app (reset by a sync to a new revision).
+        self._heals = 0
         self.images: dict[str, str] = {}
         self._heal_after = 0.0
 
@@ -254,11 +255,15 @@ class AppWorker(threading.Thread):
                 self._wake.set()
                 return False
             log.info("app %s: self-healing drift back to %s", self.name, self.desired.image)
-        operation = {"sync": {"revision": self.revision}, "initiatedBy": {"automated": True},
-                     "retry": copy.deepcopy(((app.get("spec") or {}).get("syncPolicy") or {}).get("retry") or {})}
-        if not operation["retry"]:
-            # Argo CD's default for automated syncs.
-            operation["retry"] = {"limit": 5}
+        sync: dict[str, Any] = {"revision": self.revision}
+        if attempted:
+            # A self-heal re-applies only what drifted, and counts the attempts (Argo CD's autoHeal).
+            self._heals += 1
+            sync.update(autoHealAttemptsCount=self._heals, resources=[{"group": "apps", "kind": "Deployment",
+                                                                       "name": name}])
+        else:
+            self._heals = 0
+        operation = model.complete_operation(app, {"sync": sync, "initiatedBy": {"automated": True}})
         # Like Argo CD, auto-sync writes `.operation`; it is cleared only when the operation completes.
         app = self._patch({"operation": operation})
         self._sync(app, operation)
@@ -285,6 +290,7 @@ class AppWorker(threading.Thread):
         Failed with "(retried N times)"."""
         source = model.source_of(app)
         started = model.now_iso()
+        operation = model.complete_operation(app, operation)
         sync_req = dict(operation.get("sync") or {})
         running = model.operation_running(operation, started)
         app = self._patch_status(app, {"operationState": running})
@@ -338,6 +344,7 @@ class AppWorker(threading.Thread):
         manifest = model.deployment_manifest(self.name, name, namespace, desired, release=release)
         self._ensure_namespace(namespace)
         result = {"group": "apps", "version": "v1", "kind": "Deployment", "namespace": namespace, "name": name,
+                  "images": [desired.image],
                   "hookPhase": "Running", "syncPhase": "Sync", "status": "Synced"}
         try:
             live = self._deployment(namespace, name)
@@ -383,8 +390,7 @@ class AppWorker(threading.Thread):
         namespace, name = self._destination(app)
         live = self._deployment(namespace, name)
         prev = app.get("status") or {}
-        health = model.app_health(live, wl.pod_problem if live is not None else None)
-        res_health = model.deployment_health(live)
+        health = model.app_health(live, prev.get("health"))
         if self.desired is not None:
             sync = model.compare(self.desired, live, ignore_replicas=model.ignores_replicas(app))
             sync_block = model.sync_status(app, sync, self.revision)
@@ -395,16 +401,18 @@ class AppWorker(threading.Thread):
             "sync": sync_block,
             "health": health,
             "conditions": model.comparison_conditions(prev.get("conditions"), self.error) or None,
-            "resources": [model.resource_entry(namespace, name, sync, res_health)],
+            "resources": [model.resource_entry(namespace, name, sync,
+                                               self.desired.sync_wave if self.desired is not None else None)],
             "summary": {"images": [model.live_spec(live).image]} if live and model.live_spec(live) else None,
             "sourceType": "Helm",
             "controllerNamespace": self.ctl.controller_namespace,
+            "resourceHealthSource": "appTree",
+            "sourceHydrator": {},
         }
         if compared or not prev.get("reconciledAt"):
             # Last, and only for a comparison (not a health-only refresh), as Argo CD does: a client reads
             # reconciledAt >= operationState.finishedAt as "health is about the new sync".
             status["reconciledAt"] = model.now_iso()
-            status["observedAt"] = status["reconciledAt"]
         extra = {"metadata": {"annotations": {model.REFRESH_ANNOTATION: None}}} if consume_refresh else None
         self._patch_status(app, status, extra=extra)
         if self.desired is not None and sync == "OutOfSync" and model.automated(app):

@@ -53,6 +53,7 @@ class Desired:
     container_port: int
     readiness_path: str
     progress_deadline: int
+    sync_wave: int | None = None
 
 
 def desired_from_manifests(docs: list[Mapping[str, Any]]) -> Desired:
@@ -75,6 +76,8 @@ def desired_from_manifests(docs: list[Mapping[str, Any]]) -> Desired:
             container_port=int(ports[0].get("containerPort", DEFAULT_PORT)) if ports else DEFAULT_PORT,
             readiness_path=str(probe.get("path") or DEFAULT_READINESS_PATH),
             progress_deadline=int(spec.get("progressDeadlineSeconds") or DEFAULT_PROGRESS_DEADLINE),
+            sync_wave=int(wave) if (wave := ((deployments[0].get("metadata") or {}).get("annotations") or {})
+                                    .get("argocd.argoproj.io/sync-wave")) not in (None, "", "0") else None,
         )
     except (TypeError, ValueError) as e:
         raise ComparisonError(f"the rendered Deployment has a non-numeric field: {e}") from e
@@ -183,6 +186,7 @@ def ignores_replicas(app: Mapping[str, Any]) -> bool:
 
 # Phases of the one emulated rollout, as the Deployment controller would see its ReplicaSets.
 STEADY = "steady"          # the current ReplicaSet is fully available
+CREATED = "created"        # the new ReplicaSet exists, its first pod is not created yet
 ROLLING = "rolling"        # a new ReplicaSet's pods are starting
 FAILED = "failed"          # the new ReplicaSet made no progress (crash, pull error, deadline)
 UNAVAILABLE = "unavailable"  # the current pods are not ready (e.g. restarting)
@@ -217,7 +221,10 @@ def deployment_status(*, phase: str, replicas: int, observed_generation: int, ne
         counts = dict(replicas=n, updatedReplicas=n, readyReplicas=0, availableReplicas=0, unavailableReplicas=n)
         progressing = ("True", "NewReplicaSetAvailable", f'ReplicaSet "{new_rs}" has successfully progressed.')
     else:
-        if old_ready:
+        if old_ready and phase == CREATED:
+            # The new ReplicaSet exists but has no pod yet: the N old ones still serve.
+            counts = dict(replicas=n, readyReplicas=n, availableReplicas=n)
+        elif old_ready:
             # One surge pod of the new ReplicaSet next to the N old, still-serving ones.
             counts = dict(replicas=n + 1, updatedReplicas=1, readyReplicas=n, availableReplicas=n,
                           unavailableReplicas=1)
@@ -225,6 +232,8 @@ def deployment_status(*, phase: str, replicas: int, observed_generation: int, ne
             counts = dict(replicas=n, updatedReplicas=n, readyReplicas=0, availableReplicas=0, unavailableReplicas=n)
         if phase == FAILED:
             progressing = ("False", "ProgressDeadlineExceeded", f'ReplicaSet "{new_rs}" has timed out progressing.')
+        elif phase == CREATED:
+            progressing = ("True", "NewReplicaSetCreated", f'Created new replica set "{new_rs}"')
         else:
             progressing = ("True", "ReplicaSetUpdated", f'ReplicaSet "{new_rs}" is progressing.')
     if counts["availableReplicas"] >= n and n > 0:
@@ -276,13 +285,15 @@ def deployment_health(deployment: Mapping[str, Any] | None) -> dict[str, str]:
     return {"status": "Healthy"}
 
 
-def app_health(deployment: Mapping[str, Any] | None, pod_problem: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The Application's health: its one Deployment's, with the failing pod's reason in the message
-    when there is one (what `argocd app get` shows in the resource tree)."""
-    health = deployment_health(deployment)
-    if health["status"] == "Degraded" and pod_problem:
-        return {"status": "Degraded", "message": f"{pod_problem['reason']}: {pod_problem['message']}"}
-    return health
+def app_health(deployment: Mapping[str, Any] | None, previous: Mapping[str, Any] | None = None,
+               ts: str | None = None) -> dict[str, str]:
+    """The Application's health as Argo CD 3.x writes it: its one Deployment's status and when that
+    status last changed, without a message (resource health lives in the app tree, not the CR; the
+    pod's reason is on the Pod)."""
+    status = deployment_health(deployment)["status"]
+    prev = previous or {}
+    since = prev.get("lastTransitionTime") if prev.get("status") == status else None
+    return {"status": status, "lastTransitionTime": since or ts or now_iso()}
 
 
 # --- Argo CD Application status ---------------------------------------------------------------
@@ -297,8 +308,11 @@ def destination_of(app: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sync_status(app: Mapping[str, Any], status: str, revision: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": status,
-                           "comparedTo": {"source": source_of(app), "destination": destination_of(app)}}
+    compared: dict[str, Any] = {"source": source_of(app), "destination": destination_of(app)}
+    ignore = (app.get("spec") or {}).get("ignoreDifferences")
+    if ignore:
+        compared["ignoreDifferences"] = copy.deepcopy(ignore)
+    out: dict[str, Any] = {"status": status, "comparedTo": compared}
     if revision:
         out["revision"] = revision
     return out
@@ -316,12 +330,37 @@ def comparison_conditions(previous: list[dict[str, Any]] | None, error: str | No
     return others + [{"type": "ComparisonError", "message": error, "lastTransitionTime": ts or now_iso()}]
 
 
-def resource_entry(namespace: str, name: str, sync: str, health: Mapping[str, str] | None) -> dict[str, Any]:
+def resource_entry(namespace: str, name: str, sync: str, sync_wave: int | None = None) -> dict[str, Any]:
+    """The Deployment's line in `.status.resources`; no health there (resourceHealthSource: appTree)."""
     entry: dict[str, Any] = {"group": "apps", "version": "v1", "kind": "Deployment",
                              "namespace": namespace, "name": name, "status": sync}
-    if health is not None:
-        entry["health"] = dict(health)
+    if sync_wave:
+        entry["syncWave"] = sync_wave
     return entry
+
+
+def complete_operation(app: Mapping[str, Any], operation: Mapping[str, Any]) -> dict[str, Any]:
+    """The operation as Argo CD records it in `operationState.operation` (seen on v3.2.11): the sync's
+    source, prune and syncOptions from the Application, its retry policy (default limit 5 with
+    backoff 5s ×2 up to 3m), and `initiatedBy.automated` when the app syncs automatically, also for
+    an operation someone else set."""
+    op = copy.deepcopy(dict(operation))
+    spec = app.get("spec") or {}
+    policy = spec.get("syncPolicy") or {}
+    auto = policy.get("automated")
+    sync = op.setdefault("sync", {})
+    sync.setdefault("source", source_of(app))
+    if auto is not None:
+        sync.setdefault("prune", bool(auto.get("prune")))
+    if policy.get("syncOptions"):
+        sync.setdefault("syncOptions", list(policy["syncOptions"]))
+    op["retry"] = op.get("retry") or copy.deepcopy(policy.get("retry") or {}) or {
+        "limit": 5, "backoff": {"duration": "5s", "factor": 2, "maxDuration": "3m"}}
+    by = dict(op.get("initiatedBy") or {})
+    if auto is not None:
+        by["automated"] = True
+    op["initiatedBy"] = by
+    return op
 
 
 def operation_running(operation: Mapping[str, Any], started: str) -> dict[str, Any]:

@@ -29,12 +29,14 @@ from typing import Any
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from kubernetes import watch as k8s_watch
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from delivery.redact import redact
 from sandbox.argocd.model import (
     CRASHED,
+    CREATED,
     EXITED,
     FAILED,
     PULL_ERROR,
@@ -257,6 +259,7 @@ class Workload(threading.Thread):
             self._adopt()
         except Exception:
             log.exception("app %s: adopting containers failed", self.app)
+        threading.Thread(target=self._watch_deployment, name=f"watch-{self.app}", daemon=True).start()
         while not self._halt.is_set():
             try:
                 self._step()
@@ -264,6 +267,24 @@ class Workload(threading.Thread):
                 log.exception("app %s: deployment controller step failed", self.app)
             self._wake.wait(1.0)
             self._wake.clear()
+
+    def _watch_deployment(self) -> None:
+        """Wake the controller on every change of the Deployment, as the real controller-manager's
+        informer does: a spec changed by hand is rolled out at once, not at the next 1 s poll (a
+        drift healed within that second would otherwise never have been rolled out at all)."""
+        while not self._halt.is_set():
+            w = k8s_watch.Watch()
+            try:
+                for _event in w.stream(self.api.list_namespaced_custom_object, "apps", "v1", self.namespace,
+                                       "deployments", field_selector=f"metadata.name={self.deploy_name}",
+                                       timeout_seconds=30, _request_timeout=(5, 40)):
+                    if self._halt.is_set():
+                        break
+                    self.poke()
+            except Exception:  # noqa: BLE001 - a dropped stream is re-opened; the 1 s poll still runs
+                self._halt.wait(0.5)
+            finally:
+                w.stop()
 
     # -- Kubernetes I/O -------------------------------------------------------------------------
 
@@ -282,7 +303,9 @@ class Workload(threading.Thread):
                                    previous=previous)
         if _strip_times(status) == _strip_times(previous):
             return
-        body = {"status": status}
+        # A merge patch keeps keys it does not name: a count that dropped to zero (omitted, as the API
+        # server omits zeros) must be removed explicitly, or a stale unavailableReplicas lingers.
+        body = {"status": {**{k: None for k in previous if k not in status}, **status}}
         try:
             self.api.patch_namespaced_custom_object_status("apps", "v1", self.namespace, "deployments",
                                                            self.deploy_name, body)
@@ -661,11 +684,12 @@ class Workload(threading.Thread):
         old = self.current
         old_ready = self._old_ready(spec)
         rs = self._ensure_replica_set(dep, spec)
-        self._write_status(dep, spec, ROLLING, spec.image, old_ready)
+        self._write_status(dep, spec, CREATED, spec.image, old_ready)
         # Progress is judged against the Deployment's own progressDeadlineSeconds, as the controller
         # does: a release that cannot start is reported by its pod's status long before that.
         deadline = time.monotonic() + spec.progress_deadline
         pod = self._new_pod(rs, spec)
+        self._write_status(self._read() or dep, spec, ROLLING, spec.image, old_ready)
         pulls = 0
         while True:
             try:

@@ -154,6 +154,10 @@ def test_drift_made_through_the_real_api_is_found_and_healed(real, src: SourceCl
     says OutOfSync; `heal=True` syncs Git's version back and the app answers it again."""
     from flows.drift import collect_drift, drift_check
 
+    # Staging's last sync at the GitOps head: otherwise Argo CD's automated sync of a revision it has
+    # not synced yet (another environment's commit) undoes the hand-made change at once.
+    sha = src.commit("main", note="real before drift")
+    assert _deploy(APP, "staging", "refs/heads/main", sha).is_completed()
     env = load_config().app(APP).environment("staging")
     want = _serving(APP, "staging")
     api = api_client()

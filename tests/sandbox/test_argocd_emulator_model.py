@@ -99,13 +99,15 @@ def test_deployment_status_through_a_rollout() -> None:
     assert "availableReplicas" not in stuck  # zero counts are omitted, as the API server does
 
 
-def test_app_health_names_the_failing_pod_reason() -> None:
-    """A Degraded app says why its pod fails; other states keep Argo CD's Deployment message."""
+def test_app_health_is_status_and_transition_time_without_a_message() -> None:
+    """As Argo CD 3.x writes it (tests/data/captures): no message (the pod's reason is on the Pod), and
+    lastTransitionTime kept while the status stays, moved when it changes."""
     dep = _deployment(status={"conditions": [{"type": "Progressing", "reason": "ProgressDeadlineExceeded"}]})
-    problem = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "r:t"'}
-    assert model.app_health(dep, problem) == {"status": "Degraded",
-                                              "message": 'ImagePullBackOff: Back-off pulling image "r:t"'}
-    assert model.app_health(None, problem) == {"status": "Missing"}
+    assert model.app_health(dep, None, ts="T1") == {"status": "Degraded", "lastTransitionTime": "T1"}
+    assert model.app_health(dep, {"status": "Degraded", "lastTransitionTime": "T0"}, ts="T1") == {
+        "status": "Degraded", "lastTransitionTime": "T0"}
+    assert model.app_health(None, {"status": "Degraded", "lastTransitionTime": "T0"}, ts="T1") == {
+        "status": "Missing", "lastTransitionTime": "T1"}
 
 
 def test_history_keeps_ten_entries_with_increasing_ids() -> None:
