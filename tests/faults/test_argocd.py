@@ -61,7 +61,8 @@ def test_argocd_down_rollback_pushed_but_unverified(settings_of: FaultEnv, sourc
 
 
 def test_crash_loop_rolls_back_to_verified_previous(settings_of: FaultEnv, source: SourceClone) -> None:
-    """A release that crashes on start goes Degraded; the run rolls back and the previous version answers."""
+    """A release that crashes on start is caught from its pod (CrashLoopBackOff) while Argo CD still says
+    Progressing; the run rolls back and the previous version answers."""
     fe = settings_of
     wait_for(lambda: app_version(fe.health_url(ENV)) == _tag_in_git(fe), 90, "dev serving what Git names")
     good = _tag_in_git(fe)
@@ -73,6 +74,6 @@ def test_crash_loop_rolls_back_to_verified_previous(settings_of: FaultEnv, sourc
     msg = state.message or ""
     assert f"deploy of {bad} to {ENV} failed" in msg, msg
     assert f"rolled back; Git names {good}, the cluster runs {good}, verified serving {good}" in msg, msg
-    assert "Degraded" in msg or "SyncFailed" in msg or "RolloutFailed" in msg, msg
+    assert "CrashLoopBackOff" in msg and "pod workout-api-" in msg and " container " in msg, msg
     assert _tag_in_git(fe) == good
     assert app_version(fe.health_url(ENV)) == good
