@@ -1,14 +1,16 @@
-"""Time to restore on the stack (dev): a deploy whose health fails, and a manual rollback.
+"""Time to restore on the stack (dev): a bad release that rolls back on its own, and a manual rollback.
 
-    .venv/bin/python bench/bench_restore.py [--failed N] [--manual N]
+    .venv/bin/python bench/bench_restore.py [--failed N] [--manual N] [--fault crash|unhealthy] [--real]
 
-1. Failed deploy: a source commit with HEALTHY=false in app/settings.env goes through the webhook;
-   the new pods never pass readiness, Argo CD reports Degraded once the progress deadline passes (the
-   sandbox runs with 15 s), the deploy flow rolls back to the last verified tag as a new commit and
-   verifies it. Reported: detection (the failed argocd-sync stage), the rollback stage from the run's
-   report, and from outside — watching the Application and polling health — failure visible
-   (Degraded) → the previous version verified again (Synced+Healthy at the rollback commit and
-   answering on its health URL). Downtime is what a health poll every 50 ms saw not answering 200.
+1. Failed deploy: a source commit that crashes on start (`--fault crash`, the default: CRASH_ON_START)
+   or never passes readiness (`--fault unhealthy`: HEALTHY=false) goes through the webhook. The deploy
+   catches it from the new pod (CrashLoopBackOff within seconds; readiness failing past
+   readiness_grace_seconds), not from the Deployment's 600 s progress deadline, rolls back to the last
+   verified tag as a new commit and verifies it. Reported: detection (the failed argocd-sync stage),
+   the rollback stage from the run's report, and the time to restore from the bad commit, watching
+   from outside: the Application first at the bad values commit → the previous version verified
+   again (Synced+Healthy at the rollback commit and answering on its health URL), and → the run's
+   end. Downtime is what a health poll every 50 ms saw not answering 200.
 2. Manual rollback: `run_deployment("rollback/rollback", ...)` (what the UI and the CLI do) → the
    run Completed, and from outside → the target version answering.
 The seed's "git revert + wait for the poll" is measured by bench_old_way.py on staging.
@@ -73,7 +75,7 @@ class AppWatcher(threading.Thread):
         self.join(5)
 
 
-def failed_deploy_once(ctx: Ctx, repo: Any, label: str) -> dict[str, Any]:
+def failed_deploy_once(ctx: Ctx, repo: Any, label: str, fault: str = "crash") -> dict[str, Any]:
     env = ctx.env(ENV)
     branch = env.branches[0]
     code, prev = health(env.health_url)
@@ -81,8 +83,12 @@ def failed_deploy_once(ctx: Ctx, repo: Any, label: str) -> dict[str, Any]:
     hw.start()
     aw.start()
     try:
-        pushed = push_and_deliver(ctx, repo, branch, settings_text(healthy=False, marker=f"bench restore {label}"),
-                                  f"fix: bench broken release {label}")
+        text = settings_text(healthy=fault != "unhealthy", marker=f"bench restore {label}")
+        if fault == "crash":
+            text = text.replace("CRASH_ON_START=false", "CRASH_ON_START=true")
+            if "CRASH_ON_START=true" not in text:
+                text = text.rstrip("\n") + "\nCRASH_ON_START=true\n"
+        pushed = push_and_deliver(ctx, repo, branch, text, f"fix: bench broken release {label} ({fault})")
         run = wait_final(pushed["run_id"], 300)
         time.sleep(0.3)
     finally:
@@ -90,11 +96,11 @@ def failed_deploy_once(ctx: Ctx, repo: Any, label: str) -> dict[str, Any]:
         aw.stop()
     report = report_of(pushed["run_id"]) or {}
     bad_commit = report.get("values_commit", "")
-    t_degraded = next((t for t, rev, _s, h, _p in aw.changes if rev == bad_commit and h in ("Degraded", "Missing")),
-                      None)
+    # The bad commit is live in Argo CD from the first status naming it (the refresh makes that at once).
+    t_bad = next((t for t, rev, _s, _h, _p in aw.changes if rev == bad_commit), None)
     t_restored = None
-    if t_degraded is not None:
-        t_restored = next((t for t, rev, s, h, p in aw.changes if t > t_degraded and rev and rev != bad_commit
+    if t_bad is not None:
+        t_restored = next((t for t, rev, s, h, p in aw.changes if t > t_bad and rev and rev != bad_commit
                            and s == "Synced" and h == "Healthy" and p in ("Succeeded", "")), None)
     # Verified from outside also means the previous version answering at that moment.
     restored_tag = report.get("serving") or report.get("rolled_back_to", "")
@@ -108,8 +114,9 @@ def failed_deploy_once(ctx: Ctx, repo: Any, label: str) -> dict[str, Any]:
         "detect_s": stage_seconds(report, "argocd-sync"),
         "rollback_stage_s": stage_seconds(report, "rollback"),
         "accepted_to_failed_s": round(ts(run.end_time) - pushed["accepted_at"], 3),
-        "degraded_to_restored_outside_s": round(t_restored - t_degraded, 3) if t_restored and t_degraded else None,
-        "degraded_to_run_end_s": round(ts(run.end_time) - t_degraded, 3) if t_degraded else None,
+        "fault": fault,
+        "bad_commit_to_restored_outside_s": round(t_restored - t_bad, 3) if t_restored and t_bad else None,
+        "bad_commit_to_run_end_s": round(ts(run.end_time) - t_bad, 3) if t_bad else None,
         "bad_version_answered": report.get("tag", "?") in hw.first_seen,
         "downtime_s": hw.downtime_s(),
         "health_samples": hw.samples,
@@ -142,15 +149,15 @@ def manual_rollback_once(ctx: Ctx) -> dict[str, Any]:
             "downtime_s": hw.downtime_s()}
 
 
-def run(ctx: Ctx, failed: int, manual: int) -> dict[str, Any]:
+def run(ctx: Ctx, failed: int, manual: int, fault: str = "crash") -> dict[str, Any]:
     repo = source_repo(ctx)
     branch = ctx.env(ENV).branches[0]
     rows = []
     for i in range(failed):
-        r = failed_deploy_once(ctx, repo, f"{ctx.run_id}-{i}")
-        say(f"failed deploy {i + 1}/{failed}: {r['result']}: detected after {r['detect_s']:.1f} s, rollback stage "
-            f"{r['rollback_stage_s']:.2f} s, Degraded → restored (outside) {r['degraded_to_restored_outside_s']} s, "
-            f"downtime {r['downtime_s']} s, now {r['serving_after']}")
+        r = failed_deploy_once(ctx, repo, f"{ctx.run_id}-{i}", fault)
+        say(f"failed deploy {i + 1}/{failed} ({fault}): {r['result']}: detected after {r['detect_s']:.1f} s, "
+            f"rollback stage {r['rollback_stage_s']:.2f} s, bad commit → previous version verified (outside) "
+            f"{r['bad_commit_to_restored_outside_s']} s, downtime {r['downtime_s']} s, now {r['serving_after']}")
         rows.append(r)
     # Leave the branch healthy (not deployed: the next benchmark's push supersedes it).
     repo.remotes.origin.fetch()
@@ -169,8 +176,9 @@ def run(ctx: Ctx, failed: int, manual: int) -> dict[str, Any]:
         "failed_deploys": rows,
         "detect_s": summarize(r["detect_s"] for r in rows),
         "rollback_stage_s": summarize(r["rollback_stage_s"] for r in rows),
-        "degraded_to_restored_outside_s": summarize(r["degraded_to_restored_outside_s"] for r in rows),
-        "degraded_to_run_end_s": summarize(r["degraded_to_run_end_s"] for r in rows),
+        "fault": fault,
+        "bad_commit_to_restored_outside_s": summarize(r["bad_commit_to_restored_outside_s"] for r in rows),
+        "bad_commit_to_run_end_s": summarize(r["bad_commit_to_run_end_s"] for r in rows),
         "accepted_to_failed_s": summarize(r["accepted_to_failed_s"] for r in rows),
         "downtime_s": max((r["downtime_s"] for r in rows), default=0.0),
         "manual_rollbacks": manuals,
@@ -178,7 +186,8 @@ def run(ctx: Ctx, failed: int, manual: int) -> dict[str, Any]:
         "manual_answering_s": summarize(m["target_answering_s"] for m in manuals),
     }
     say(f"time to restore, rollback stage: {fmt(out['rollback_stage_s'])}")
-    say(f"time to restore, Degraded → verified (outside): {fmt(out['degraded_to_restored_outside_s'])}")
+    say(f"time to restore, bad commit → previous version verified (outside): "
+        f"{fmt(out['bad_commit_to_restored_outside_s'])}")
     say(f"manual rollback, run_deployment → Completed: {fmt(out['manual_total_s'])}")
     return out
 
@@ -187,10 +196,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--failed", type=int, default=2)
     p.add_argument("--manual", type=int, default=3)
+    p.add_argument("--fault", choices=["crash", "unhealthy"], default="crash")
     p.add_argument("--real", action="store_true", help="on the real tier (delivery up --real)")
     a = p.parse_args()
     ctx = common.ensure_stack(real=a.real)
-    out = run(ctx, a.failed, a.manual)
+    out = run(ctx, a.failed, a.manual, a.fault)
     out["machine"] = common.machine()
     out["tier"] = "real" if a.real else "emulators"
     say(f"wrote {save('restore' + ('_real' if a.real else ''), out)}")
