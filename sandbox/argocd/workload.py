@@ -352,6 +352,10 @@ class Workload(threading.Thread):
         self._revision_for = (spec.image, spec.generation)
         return mine
 
+    def _has_replica_set(self, spec: LiveSpec) -> bool:
+        name = replica_set_name(self.deploy_name, spec.image)
+        return any(rs["metadata"]["name"] == name for rs in self._replica_sets(spec))
+
     def _scale_down_others(self, spec: LiveSpec) -> None:
         keep = replica_set_name(self.deploy_name, spec.image)
         for rs in self._replica_sets(spec):
@@ -683,8 +687,12 @@ class Workload(threading.Thread):
         self.failed_pod, self.failed_key, self.pod_problem = None, None, None
         old = self.current
         old_ready = self._old_ready(spec)
+        existed = self._has_replica_set(spec)
         rs = self._ensure_replica_set(dep, spec)
-        self._write_status(dep, spec, CREATED, spec.image, old_ready)
+        if not existed:
+            # Rolling back to a template whose ReplicaSet still exists scales that one up: no
+            # NewReplicaSetCreated then (as seen on the real tier).
+            self._write_status(dep, spec, CREATED, spec.image, old_ready)
         # Progress is judged against the Deployment's own progressDeadlineSeconds, as the controller
         # does: a release that cannot start is reported by its pod's status long before that.
         deadline = time.monotonic() + spec.progress_deadline

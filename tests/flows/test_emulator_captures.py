@@ -49,8 +49,8 @@ def _known(path: str, kind: str) -> bool:
     return any(path == p or path.startswith(p + ".") or path.startswith(p + "[]") for p in KNOWN[kind])
 
 
-def _record(env_name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
-    e = load_config().app(APP).environment(env_name)
+def _record(env_name: str, action: Callable[[], Any], app: str = APP) -> list[dict[str, Any]]:
+    e = load_config().app(app).environment(env_name)
     with StatusRecorder(api_client(), e.application, e.argocd_namespace, e.deployment, e.namespace) as rec:
         action()
     return rec.documents()
@@ -142,6 +142,29 @@ def run_scenario(name: str, stack, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         sha = src.commit("main", note="capture before drift")
         assert _deploy("staging", "refs/heads/main", sha).is_completed()
         docs = _record("staging", _drift_and_heal)
+    elif name == "manual-rollback":
+        from flows.rollback import rollback
+
+        first = src.commit("main", note="capture manual 1")
+        assert _deploy("staging", "refs/heads/main", first).is_completed()
+        second = src.commit("main", note="capture manual 2")
+        assert _deploy("staging", "refs/heads/main", second).is_completed()
+
+        def both() -> None:
+            rollback(app=APP, environment="staging", reason="capture: last known good", **FAST)
+            rollback(app=APP, environment="staging", to_tag=f"main-{second[:7]}", reason="capture: a tag", **FAST)
+
+        docs = _record("staging", both)
+    elif name == "two-apps-other":
+        other = "nutrition-api"
+        other_src = SourceClone(str(stack.source_remotes[other]), tmp_path / "other-src")
+        sha = other_src.commit("main", note="capture nutrition")
+        assert deploy(app=other, environment="staging", source_ref="refs/heads/main", source_sha=sha,
+                      return_state=True, **FAST).is_completed()
+        good = src.commit("main", note="capture shared good")
+        assert _deploy("staging", "refs/heads/main", good).is_completed()
+        bad = src.commit("main", note="capture shared bad", crash=True)
+        docs = _record("staging", lambda: _deploy("staging", "refs/heads/main", bad), app=other)
     else:
         raise AssertionError(f"unknown scenario {name}")
     return docs
@@ -176,7 +199,7 @@ def differences(real: list[dict[str, Any]], emulated: list[dict[str, Any]]) -> l
     The Deployment's milestones must come in exactly the real order. The Application's are noisier on
     a real controller (each compare during an operation may flip sync status, and how many compares
     land depends on timing), so for it: the health sequence is the same, the last milestone is the
-    same, and the emulator never shows a combination the real controller did not."""
+    same, and the emulator never shows a (health, operation phase) the real controller did not."""
     out: list[str] = []
     for kind in ("application", "deployment"):
         # The first document of each kind is the state before the scenario: what earlier syncs left.
@@ -196,13 +219,14 @@ def differences(real: list[dict[str, Any]], emulated: list[dict[str, Any]]) -> l
         out.append(f"application health sequence differs: real {rh}, emulator {eh}")
     if ra and ea and ra[-1] != ea[-1]:
         out.append(f"application ends differently: real {ra[-1]}, emulator {ea[-1]}")
-    # How many compares land during an operation is timing: a combination the real controller showed
-    # in any recorded scenario is one it shows.
-    seen = set(ra) | {m for sc in SCENARIOS for m in milestones(load(sc)["documents"], "application")}
-    unseen = [m for m in ea if m not in seen]
+    # The sync status flips with every compare during an operation, and how many compares land is
+    # timing (re-recording the same scenario shows different flips). Health and phase are not: every
+    # (health, phase) the emulator shows, the real controller showed in this scenario.
+    seen = {(h, ph) for _s, h, ph in ra}
+    unseen = [m for m in ea if (m[1], m[2]) not in seen]
     if unseen:
-        out.append(f"application: the emulator shows {unseen}, which the real controller never did "
-                   f"(this scenario on the real tier: {ra})")
+        out.append(f"application: the emulator shows {unseen}, whose (health, phase) the real controller never "
+                   f"did (this scenario on the real tier: {ra})")
     return out
 
 

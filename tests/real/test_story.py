@@ -134,17 +134,18 @@ def test_a_bad_release_is_caught_from_its_pods_and_rolled_back(real, src: Source
     assert took < 240, f"{fault}: {took:.0f} s"
 
 
-def test_manual_rollbacks_to_a_tag_and_to_last_known_good(real, src: SourceClone, tmp_path: Path) -> None:
+def test_manual_rollbacks_to_a_tag_and_to_last_known_good(real, src: SourceClone, tmp_path: Path, capture) -> None:
     first = src.commit("main", note="real manual 1")
     assert _deploy(APP, "staging", "refs/heads/main", first).is_completed()
     second = src.commit("main", note="real manual 2")
     assert _deploy(APP, "staging", "refs/heads/main", second).is_completed()
     t1, t2 = f"main-{first[:7]}", f"main-{second[:7]}"
-    result = rollback(app=APP, environment="staging", reason="real: to the last known good",
-                      sync_timeout=300.0, rollout_timeout=180.0, health_timeout=60.0)
-    assert result["serving"] == t1 and _serving(APP, "staging") == t1
-    result = rollback(app=APP, environment="staging", to_tag=t2, reason="real: to a tag",
-                      sync_timeout=300.0, rollout_timeout=180.0, health_timeout=60.0)
+    with capture("manual-rollback", APP, "staging"):
+        result = rollback(app=APP, environment="staging", reason="real: to the last known good",
+                          sync_timeout=300.0, rollout_timeout=180.0, health_timeout=60.0)
+        assert result["serving"] == t1 and _serving(APP, "staging") == t1
+        result = rollback(app=APP, environment="staging", to_tag=t2, reason="real: to a tag",
+                          sync_timeout=300.0, rollout_timeout=180.0, health_timeout=60.0)
     assert result["serving"] == t2 and _serving(APP, "staging") == t2
     assert _git_tag(real, tmp_path, APP, "staging") == t2
 
@@ -202,7 +203,7 @@ def test_drift_made_through_the_real_api_is_found_and_healed(real, src: SourceCl
     assert _serving(APP, "staging") == want
 
 
-def test_two_apps_share_the_gitops_repo(real, tmp_path: Path) -> None:
+def test_two_apps_share_the_gitops_repo(real, tmp_path: Path, capture) -> None:
     """nutrition-api and workout-api deploy to the same environment from one GitOps repository; a bad
     workout-api release rolls back to workout-api's own last verified tag and leaves nutrition-api
     serving what it served."""
@@ -218,7 +219,9 @@ def test_two_apps_share_the_gitops_repo(real, tmp_path: Path) -> None:
     good = src.commit("main", note="real shared good")
     assert _deploy(APP, "staging", "refs/heads/main", good).is_completed()
     bad = src.commit("main", note="real shared bad", crash=True)
-    state = _deploy(APP, "staging", "refs/heads/main", bad)
+    # What the other app's Application and Deployment show meanwhile: a new GitOps head, nothing else.
+    with capture("two-apps-other", other, "staging"):
+        state = _deploy(APP, "staging", "refs/heads/main", bad)
     assert state.is_failed() and f"verified serving main-{good[:7]}" in (state.message or ""), state.message
     assert _serving(APP, "staging") == f"main-{good[:7]}"
     assert _serving(other, "staging") == other_tag
