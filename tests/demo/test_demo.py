@@ -22,6 +22,7 @@ from delivery.settings import PROJECT_ROOT
 from sandbox import engine
 from sandbox.manager import LABEL
 from sandbox.stack import alive
+from tests.demo.story import assert_story_told
 from tests.fixtures_sandbox import free_port_block
 
 DELIVERY = str(Path(sys.executable).with_name("delivery"))
@@ -90,14 +91,7 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
 
 
 def _assert_story(res: subprocess.CompletedProcess[str], s: DemoStack) -> None:
-    out = res.stdout
-    assert res.returncode == 0, f"exit {res.returncode}\n{out[-6000:]}\n{res.stderr[-3000:]}"
-    assert "webhook answered 202: queued" in out
-    assert "deploy ended Completed;" in out
-    failed = next(ln for ln in out.splitlines() if "deploy ended Failed:" in ln)
-    assert "; rolled back; Git names " in failed and ", verified serving " in failed, failed
-    assert "drift check: Failed: 1 of 3 app environments drifted: workout-api/dev: drifted" in out
-    assert "drift check after healing: Completed" in out
+    out = assert_story_told(res)
     assert "when" in out and "rolled-back" in out and "completed" in out
     for line in ("Deployment frequency:", "Median lead time (push received → verified healthy):",
                  "Change failure rate: 50%", "Median time to restore (failed deploy → verified rollback):"):

@@ -18,6 +18,7 @@ import pytest
 
 from delivery.settings import PROJECT_ROOT
 from sandbox.stack import stop_pid
+from tests.demo.story import assert_story_told
 from tests.fixtures_sandbox import free_port_block
 
 pytestmark = [pytest.mark.real, pytest.mark.docker]
@@ -44,12 +45,5 @@ def test_demo_tells_the_story_on_the_real_tier(real, tmp_path: Path) -> None:
             for key in ("webhook_pid", "serve_pid"):
                 stop_pid(st.get(key))
             stack.unlink()
-    out = res.stdout
-    assert res.returncode == 0, f"exit {res.returncode}\n{out[-6000:]}\n{res.stderr[-3000:]}"
+    out = assert_story_told(res)
     assert "delivery up --real: a real Kubernetes and Argo CD" in out
-    assert "webhook answered 202: queued" in out
-    assert "deploy ended Completed;" in out
-    failed = next(ln for ln in out.splitlines() if "deploy ended Failed:" in ln)
-    assert "; rolled back; Git names " in failed and ", verified serving " in failed, failed
-    assert "drift check: Failed: 1 of 3 app environments drifted: workout-api/dev: drifted" in out
-    assert "drift check after healing: Completed" in out
