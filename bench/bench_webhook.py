@@ -69,8 +69,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(port: int, api_url: str | None, deployment: str) -> None:
-    """Child process: the receiver with a recording starter (api_url None) or the Prefect starter."""
+def _serve(port: int, api_url: str | None, deployment: str, secret: str) -> None:
+    """Child process: the receiver with a recording starter (api_url None) or the Prefect starter.
+    The secret is passed in: a spawned child re-imports this module and would make its own."""
     import uvicorn
 
     from delivery.config import parse_config
@@ -85,7 +86,7 @@ def _serve(port: int, api_url: str | None, deployment: str) -> None:
 
     config = parse_config(CONFIG, Path("bench.yaml"))
     starter: Any = PrefectStarter(api_url=api_url, deployment_name=deployment) if api_url else Recording()
-    app = create_app(secret=SECRET, config_loader=lambda: config, starter=starter)
+    app = create_app(secret=secret, config_loader=lambda: config, starter=starter)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -177,7 +178,7 @@ def _run_scenario(name: str, api_url: str | None, deployment: str, rate: float, 
 
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_serve, args=(port, api_url, deployment), daemon=True)
+    proc = ctx.Process(target=_serve, args=(port, api_url, deployment, SECRET), daemon=True)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     try:

@@ -50,6 +50,43 @@ def _webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deliveries(args: argparse.Namespace) -> int:
+    """Recent webhook deliveries from the receiver's store, newest first."""
+    from delivery.settings import get_settings
+    from deployments.webhook.http import delivery_view, open_store
+    from deployments.webhook.starter import PrefectStarter
+
+    settings = get_settings()
+    path = settings.resolved_webhook_store_path()
+    if not path.exists():
+        print(f"no delivery store at {path}: the receiver has not stored a delivery yet")
+        return 0
+    store = open_store(settings, create=False)
+    try:
+        records = store.recent(limit=args.limit, pending_only=args.pending)
+        counts = store.counts()
+    finally:
+        store.close()
+    link = PrefectStarter().ui_link
+    print(f"{path}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if not records:
+        print("no pending deliveries" if args.pending else "no deliveries")
+    for record in records:
+        view = delivery_view(record, link)
+        targets = " ".join(f"{r['app']}/{r['environment']}@{r['sha'][:12]}" for r in view["requests"])
+        print(f"{view['received_at'][:19]}  {record.delivery_id}  {record.status:<10}  {targets}  "
+              f"attempts={record.attempt_count}")
+        for r in view["requests"]:
+            if r["flow_run_id"]:
+                url = f"  {r['url']}" if r["url"] else ""
+                print(f"    {r['app']}/{r['environment']}: run {r['flow_run_id']}{url}")
+            elif r["error"]:
+                print(f"    {r['app']}/{r['environment']}: failed: {r['error']}")
+        if record.status == "pending" and record.attempts:
+            print(f"    last attempt {record.attempts[-1]['at'][:19]}: {record.attempts[-1]['outcome']}")
+    return 0
+
+
 def _history(args: argparse.Namespace) -> int:
     from delivery import history
 
@@ -105,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1 unless you mean it)")
     wh.add_argument("--port", type=int, default=8080)
     wh.set_defaults(func=_webhook)
+
+    de = sub.add_parser("deliveries", help="recent webhook deliveries from the receiver's durable store")
+    de.add_argument("--pending", action="store_true", help="only those whose runs are not created yet")
+    de.add_argument("--limit", "-n", type=int, default=20)
+    de.set_defaults(func=_deliveries)
 
     hi = sub.add_parser("history", help="deploy and rollback runs with DORA figures")
     hi.add_argument("app", nargs="?")

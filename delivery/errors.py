@@ -88,8 +88,8 @@ class RollbackError(DeliveryError):
 class WebhookError(DeliveryError):
     """A webhook delivery was refused; `status` is the HTTP status to answer."""
 
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message, transient=False)
+    def __init__(self, message: str, *, status: int, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
         self.status = status
 
 

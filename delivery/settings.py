@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     # GitHub webhook shared secret; the receiver refuses to start without one.
     webhook_secret: SecretStr | None = None
     webhook_secret_block: str | None = None
+    # The receiver's durable intake (SQLite): where it lives (default under the work dir) and its
+    # bounds. At `webhook_store_max_pending` deliveries not yet dispatched it answers 503 with
+    # Retry-After; past `webhook_store_max_records` the oldest finished deliveries are dropped.
+    webhook_store_path: Path | None = None
+    webhook_store_max_pending: int = Field(default=10_000, ge=1)
+    webhook_store_max_records: int = Field(default=100_000, ge=1)
+    # Ceiling of the dispatcher's backoff while Prefect is unreachable (it retries for as long as needed).
+    webhook_dispatch_backoff_max_seconds: float = Field(default=30, gt=0)
 
     # Lease of the per-environment deploy lock: renewed while the run lives, so this is how long a
     # killed run keeps the environment locked before Prefect's repossessor frees it (the server
@@ -92,6 +100,9 @@ class Settings(BaseSettings):
         if local.exists():
             return local
         return self.sandbox_config_file
+
+    def resolved_webhook_store_path(self) -> Path:
+        return self.webhook_store_path or (self.work_dir / "webhook" / "deliveries.sqlite3")
 
     def resolved_kubeconfig(self) -> Path | None:
         if self.kubeconfig is not None:

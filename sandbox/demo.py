@@ -73,6 +73,25 @@ def deliver(url: str, secret: str, payload: dict[str, Any], *, event: str = "pus
         return e.code, json.loads(e.read() or b"{}")
 
 
+def runs_of(answer: dict[str, Any], timeout: float = 60) -> list[dict[str, Any]]:
+    """The runs of an accepted delivery. The receiver answers as soon as the delivery is stored and
+    creates the runs right after, so poll its status URL until they exist (or the delivery failed)."""
+    if answer.get("delivery_status") not in (None, "pending") or not answer.get("status_url"):
+        return list(answer.get("runs") or [])
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(answer["status_url"], timeout=10) as r:
+            view = json.loads(r.read() or b"{}")
+        if view.get("status") == "failed":
+            raise SystemExit(f"delivery {view.get('delivery_id')} failed: {view.get('reason')}")
+        if view.get("status") != "pending":
+            return list(view.get("runs") or [])
+        if time.monotonic() > deadline:
+            last = (view.get("attempts") or [{}])[-1].get("outcome", "no attempt yet")
+            raise SystemExit(f"delivery {view.get('delivery_id')} has no runs after {timeout:.0f} s: {last}")
+        time.sleep(0.05)
+
+
 def source_clone(remote: str, workdir: Path) -> git.Repo:
     if workdir.exists():
         repo = git.Repo(workdir)
@@ -138,9 +157,10 @@ def push_and_deploy(st: stack.StackState, repo: git.Repo, remote: str, branch: s
         # What GitHub's "Redeliver" does: the same delivery again; the receiver starts it once.
         say(f"  redelivering {delivery_id} (attempt {attempt + 1})")
         time.sleep(2 * attempt)
-    if status != 202 or not answer.get("runs"):
+    runs = runs_of(answer) if status == 202 else []
+    if not runs:
         raise SystemExit("the webhook did not queue a deploy")
-    return wait_run(answer["runs"][0]["flow_run_id"])
+    return wait_run(runs[0]["flow_run_id"])
 
 
 def main(argv: list[str] | None = None) -> int:

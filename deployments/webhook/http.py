@@ -1,11 +1,17 @@
-"""The receiver's HTTP adapter: read the body with a cap, run the core, start runs through a
-`Starter`, and answer GitHub within its 10 s limit; plus the secret and `serve`."""
+"""The receiver's HTTP adapter: read the body with a cap, run the core, write a delivery that asks
+for deploys to the durable store, and answer GitHub at once; the dispatcher (a task in the same
+event loop) creates the runs from the store. Plus the status endpoint, the secret and `serve`.
+
+The one rule: a 202 means the delivery is on disk. A store that is full or cannot be written
+answers 503, which GitHub shows as failed so that it can be redelivered."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +26,7 @@ from delivery.errors import ConfigError, WebhookError
 from delivery.log import get_logger
 from delivery.redact import redact, register_secret
 from deployments.webhook.core import (
+    _DELIVERY_ID_RE,
     DEFAULT_DEPLOYMENT,
     HEALTH_TIMEOUT_SECONDS,
     MAX_BODY_BYTES,
@@ -30,7 +37,12 @@ from deployments.webhook.core import (
     decide,
     parse_event,
 )
+from deployments.webhook.dispatcher import Dispatcher
 from deployments.webhook.starter import PrefectStarter
+from deployments.webhook.store import FAILED, DeliveryRecord, DeliveryStore, StoreError, StoreFull
+
+# What a 503 for a full store asks GitHub (or whoever redelivers) to wait.
+STORE_FULL_RETRY_AFTER_SECONDS = 30
 
 if TYPE_CHECKING:
     from delivery.settings import Settings
@@ -50,27 +62,76 @@ async def _read_capped(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def delivery_view(record: DeliveryRecord, ui_link: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """A stored delivery as the status endpoint and the CLI show it: nothing but what the record holds."""
+    return {
+        "delivery_id": record.delivery_id,
+        "event": record.event,
+        "status": record.status,
+        "reason": record.reason,
+        "received_at": record.received_at.isoformat(),
+        "updated_at": record.updated_at.isoformat() if record.updated_at else None,
+        "requests": [
+            {"app": r.app, "environment": r.environment, "ref": r.ref, "sha": r.sha, "flow_run_id": r.run_id,
+             "url": ui_link(r.run_id) if (ui_link and r.run_id) else None, "error": r.error}
+            for r in record.requests
+        ],
+        "runs": [
+            {"flow_run_id": r.run_id, "app": r.app, "environment": r.environment,
+             "url": ui_link(r.run_id) if ui_link else None}
+            for r in record.requests if r.run_id
+        ],
+        "attempt_count": record.attempt_count,
+        "attempts": record.attempts,
+    }
+
+
 def create_app(
     *,
     secret: str,
     config_loader: Callable[[], Config],
     starter: Starter,
+    store: DeliveryStore | None = None,
     start_timeout: float = START_TIMEOUT_SECONDS,
     health_timeout: float = HEALTH_TIMEOUT_SECONDS,
     max_body_bytes: int = MAX_BODY_BYTES,
+    backoff_initial: float = 0.5,
+    backoff_max: float = 30.0,
 ) -> FastAPI:
-    """The receiver's ASGI app. Fails closed: an empty secret is a configuration error."""
+    """The receiver's ASGI app. Fails closed: an empty secret is a configuration error.
+
+    Without `store`, deliveries go to a store in a temporary directory removed at shutdown: fine
+    for tests and benchmarks, not durable across restarts. `serve` always passes the configured one.
+    """
     if not secret:
         raise ConfigError(_NO_SECRET)
     register_secret(secret)
     log = get_logger()
+    scratch: Path | None = None
+    if store is None:
+        scratch = Path(tempfile.mkdtemp(prefix="delivery-webhook-"))
+        store = DeliveryStore(scratch / "deliveries.sqlite3")
+    the_store = store
+    dispatcher = Dispatcher(the_store, starter, start_timeout=start_timeout, backoff_initial=backoff_initial,
+                            backoff_max=backoff_max, secrets=[secret])
+    ui_link: Callable[[str], str | None] | None = getattr(starter, "ui_link", None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        close = getattr(starter, "aclose", None)
-        if close is not None:
-            await close()
+        # Started with the app: what an earlier process stored and did not dispatch goes first.
+        task = asyncio.create_task(dispatcher.run_forever(), name="webhook-dispatcher")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            close = getattr(starter, "aclose", None)
+            if close is not None:
+                await close()
+            if scratch is not None:
+                the_store.close()
+                shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="delivery webhook receiver", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -85,9 +146,12 @@ def create_app(
         ref: str = "",
         runs: Sequence[StartedRun] = (),
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        level: int = logging.INFO,
     ) -> JSONResponse:
         run_ids = ",".join(r.flow_run_id for r in runs)
-        log.info(
+        log.log(
+            level,
             "webhook delivery=%s event=%s ref=%s -> %s %s: %s%s",
             delivery,
             event,
@@ -104,7 +168,10 @@ def create_app(
                 for r in runs
             ]
         content.update(extra or {})
-        return JSONResponse(content, status_code=http_status)
+        return JSONResponse(content, status_code=http_status, headers=headers)
+
+    def status_url(request: Request, delivery_id: str) -> str:
+        return f"{str(request.base_url).rstrip('/')}/webhooks/github/deliveries/{delivery_id}"
 
     @app.post("/webhooks/github")
     async def github_webhook(request: Request) -> JSONResponse:
@@ -147,20 +214,43 @@ def create_app(
             return answer(decision.http_status, decision.status, decision.reason, delivery=delivery,
                           event=event_name, ref=ref, extra=extra)
         try:
-            runs = await asyncio.wait_for(
-                starter.start(list(decision.requests), received_at=received_at, delivery_id=event.delivery_id),
-                timeout=start_timeout,
-            )
-        except TimeoutError:
-            return answer(503, "unavailable", f"Prefect API did not answer within {start_timeout:g} s",
-                          delivery=delivery, event=event_name, ref=ref)
-        except WebhookError as e:
-            return answer(e.status, "unavailable", e.message, delivery=delivery, event=event_name, ref=ref)
-        except Exception as e:  # noqa: BLE001 - the delivery must fail visibly so GitHub can redeliver
-            return answer(503, "unavailable", f"could not start runs: {type(e).__name__}: {redact(str(e), [secret])}",
-                          delivery=delivery, event=event_name, ref=ref)
-        return answer(decision.http_status, decision.status, decision.reason, delivery=delivery, event=event_name,
-                      ref=ref, runs=runs)
+            record, created = await asyncio.to_thread(
+                the_store.add, event.delivery_id, event.event, decision.requests, received_at)
+            if not created and record.status == FAILED:
+                # GitHub's Redeliver of a failed delivery: try its refused requests again (same keys).
+                record = await asyncio.to_thread(the_store.requeue, event.delivery_id) or record
+                created = True
+        except StoreFull as e:
+            return answer(503, "unavailable", f"delivery store is full, try again later: {e.message}",
+                          delivery=delivery, event=event_name, ref=ref, level=logging.ERROR,
+                          headers={"Retry-After": str(STORE_FULL_RETRY_AFTER_SECONDS)})
+        except StoreError as e:
+            return answer(503, "unavailable", f"delivery could not be stored: {e.message}", delivery=delivery,
+                          event=event_name, ref=ref, level=logging.ERROR)
+        except Exception as e:  # noqa: BLE001 - never acknowledge what was not stored
+            return answer(503, "unavailable", f"delivery could not be stored: {type(e).__name__}",
+                          delivery=delivery, event=event_name, ref=ref, level=logging.ERROR)
+        if created:
+            dispatcher.wake()
+        view = delivery_view(record, ui_link)
+        runs = [StartedRun(r["flow_run_id"], r["app"], r["environment"], r["url"]) for r in view["runs"]]
+        reason = decision.reason if created else f"{decision.reason} (redelivery: already {record.status})"
+        return answer(decision.http_status, decision.status, reason, delivery=delivery, event=event_name,
+                      ref=ref, runs=runs,
+                      extra={"delivery_id": event.delivery_id, "delivery_status": record.status,
+                             "status_url": status_url(request, event.delivery_id)})
+
+    @app.get("/webhooks/github/deliveries/{delivery_id}")
+    async def delivery_status(delivery_id: str) -> JSONResponse:
+        if not _DELIVERY_ID_RE.fullmatch(delivery_id):
+            return JSONResponse({"status": "unknown", "reason": "malformed delivery id"}, status_code=404)
+        try:
+            record = await asyncio.to_thread(the_store.get, delivery_id)
+        except StoreError as e:
+            return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503)
+        if record is None:
+            return JSONResponse({"status": "unknown", "reason": "no such delivery in the store"}, status_code=404)
+        return JSONResponse(delivery_view(record, ui_link))
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -208,6 +298,12 @@ def load_webhook_secret(settings: Settings) -> str:
     raise ConfigError(_NO_SECRET)
 
 
+def open_store(settings: Settings, *, create: bool = True) -> DeliveryStore:
+    """The receiver's durable store as the settings name and bound it."""
+    return DeliveryStore(settings.resolved_webhook_store_path(), max_pending=settings.webhook_store_max_pending,
+                         max_records=settings.webhook_store_max_records, create=create)
+
+
 def _log_to_stderr() -> None:
     """Outside a flow run the `delivery` logger has no handler; the receiver's one line per delivery must show."""
     logger = logging.getLogger("delivery")
@@ -239,11 +335,16 @@ def serve(
     secret = load_webhook_secret(settings)
     _log_to_stderr()
     path = settings.resolved_config_file()
+    store = open_store(settings)
+    get_logger().info("webhook delivery store %s: %s", store.path,
+                      ", ".join(f"{k} {v}" for k, v in store.counts().items()))
     app = create_app(
         secret=secret,
         # Read per delivery: config edits apply without a restart, and a broken config answers 503.
         config_loader=lambda: load_config(path),
         starter=PrefectStarter(deployment_name=deployment_name),
+        store=store,
+        backoff_max=settings.webhook_dispatch_backoff_max_seconds,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -49,7 +49,9 @@ class PrefectStarter:
         api = self._api_url or PREFECT_API_URL.value()
         if not api:
             # Without it the client would start a private ephemeral server no worker ever polls.
-            raise WebhookError("PREFECT_API_URL is not set: no Prefect server to start runs on", status=503)
+            # Transient for the dispatcher: the stored deliveries wait until the receiver is configured.
+            raise WebhookError("PREFECT_API_URL is not set: no Prefect server to start runs on", status=503,
+                               transient=True)
         return api
 
     def _client(self, api: str, timeout: float) -> Any:
@@ -136,16 +138,19 @@ class PrefectStarter:
                 run = await self._create_run(client, r, parameters)
                 started.append(StartedRun(str(run.id), r.app, r.environment, self.ui_link(str(run.id))))
         except ObjectNotFound as e:
-            raise WebhookError(f"Prefect deployment {self.deployment_name!r} does not exist", status=503) from e
+            raise WebhookError(f"Prefect deployment {self.deployment_name!r} does not exist", status=503,
+                               transient=False) from e
         except httpx.HTTPStatusError as e:
-            # e.g. 422 when the deployment's parameter schema does not accept what we send.
+            code = e.response.status_code
+            # 5xx and 429: the server is overloaded or restarting, try again; any other 4xx (e.g. 422
+            # when the deployment's parameter schema does not accept what we send) will not change.
             raise WebhookError(
-                f"Prefect API refused to create the run for {self.deployment_name!r}: "
-                f"HTTP {e.response.status_code}", status=503
+                f"Prefect API refused to create the run for {self.deployment_name!r}: HTTP {code}",
+                status=503, transient=code >= 500 or code == 429,
             ) from e
         except (httpx.HTTPError, OSError) as e:
             raise WebhookError(
-                f"Prefect API at {redact(api)} is unreachable: {type(e).__name__}", status=503
+                f"Prefect API at {redact(api)} is unreachable: {type(e).__name__}", status=503, transient=True
             ) from e
         return started
 

@@ -3,6 +3,7 @@ thread, and a recording starter (a fake of our own `Starter` protocol)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -25,6 +26,11 @@ PAYLOADS = Path(__file__).parent / "payloads"
 
 def make_config() -> Config:
     """workout-api: dev <- release-dev, staging <- main, prod <- v*.*.* tags."""
+    return parse_config(config_data(), Path("test-delivery.yaml"))
+
+
+def config_data() -> dict[str, Any]:
+    """The test config as data (JSON is YAML: a subprocess receiver reads it from a file)."""
 
     def env(name: str, **refs: Any) -> dict[str, Any]:
         return {
@@ -36,24 +42,21 @@ def make_config() -> Config:
             **refs,
         }
 
-    return parse_config(
-        {
-            "apps": {
-                "workout-api": {
-                    "source_repo": "https://github.com/your-org/workout-api.git",
-                    "image": "127.0.0.1:5000/your-org/workout-api",
-                    "gitops_repo": "https://github.com/your-org/workout-gitops.git",
-                    "chart_path": "helm/workout-api",
-                    "environments": {
-                        "dev": env("dev", branches=["release-dev"]),
-                        "staging": env("staging", branches=["main"]),
-                        "prod": env("prod", tags=["v*.*.*"]),
-                    },
-                }
+    return {
+        "apps": {
+            "workout-api": {
+                "source_repo": "https://github.com/your-org/workout-api.git",
+                "image": "127.0.0.1:5000/your-org/workout-api",
+                "gitops_repo": "https://github.com/your-org/workout-gitops.git",
+                "chart_path": "helm/workout-api",
+                "environments": {
+                    "dev": env("dev", branches=["release-dev"]),
+                    "staging": env("staging", branches=["main"]),
+                    "prod": env("prod", tags=["v*.*.*"]),
+                },
             }
-        },
-        Path("test-delivery.yaml"),
-    )
+        }
+    }
 
 
 def payload(name: str) -> dict[str, Any]:
@@ -102,6 +105,57 @@ class RecordingStarter:
 
     async def check_api(self, timeout: float) -> bool:
         return True
+
+
+@dataclass
+class IdempotentStarter:
+    """A fake Prefect: one run per idempotency key (as `create_flow_run_from_deployment` does), the
+    keys in the order they were asked for, and a switch that makes it fail like an unreachable API.
+    `gate`, when given, holds every start until it is set (a Prefect that has not answered yet)."""
+
+    down: bool = False
+    gate: threading.Event | None = None
+    runs: dict[str, str] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    failures: int = 0
+
+    async def start(
+        self, requests: list[DeployRequest], *, received_at: datetime, delivery_id: str
+    ) -> list[StartedRun]:
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait)
+        if self.down:
+            self.failures += 1
+            from delivery.errors import WebhookError
+
+            raise WebhookError("Prefect API at http://127.0.0.1:1/api is unreachable: ConnectError", status=503,
+                               transient=True)
+        out = []
+        for r in requests:
+            self.asked.append(r.idempotency_key)
+            run_id = self.runs.setdefault(r.idempotency_key, str(uuid.uuid4()))
+            out.append(StartedRun(run_id, r.app, r.environment, f"http://ui.test/runs/flow-run/{run_id}"))
+        return out
+
+    def ui_link(self, flow_run_id: str) -> str:
+        return f"http://ui.test/runs/flow-run/{flow_run_id}"
+
+    async def check_api(self, timeout: float) -> bool:
+        return not self.down
+
+
+def wait_for_delivery(base_url: str, delivery_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The delivery's status document once it is no longer pending."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        view = httpx.get(f"{base_url}/webhooks/github/deliveries/{delivery_id}", timeout=30).json()
+        if view["status"] != "pending":
+            return view
+        if time.monotonic() > deadline:
+            raise AssertionError(f"delivery {delivery_id} still pending after {timeout} s: {view}")
+        time.sleep(0.05)
 
 
 class ServerThread:

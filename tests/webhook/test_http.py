@@ -22,15 +22,22 @@ from tests.webhook.helpers import (
     new_delivery_id,
     payload,
     signed_headers,
+    wait_for_delivery,
 )
 
 
 def runs_for(api: str, delivery_id: str | None = None) -> list:
     """Flow runs of the deploy/deploy deployment, optionally only those of one delivery."""
+    runs: list = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deploy"])), limit=200
-        )
+        while True:  # the API answers at most 200 at a time
+            page = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deploy"])), limit=200,
+                offset=len(runs),
+            )
+            runs += page
+            if len(page) < 200:
+                break
     return [r for r in runs if delivery_id is None or r.parameters.get("delivery_id") == delivery_id]
 
 
@@ -46,15 +53,18 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30) ->
 
 
 def test_matching_push_creates_one_run_with_parameters(receiver: ServerThread, prefect_api: str) -> None:
-    """A push to main answers 202 queued and creates exactly one Scheduled staging run with our parameters."""
+    """A push to main answers 202 queued; its status then names exactly one Scheduled staging run with
+    our parameters, with its Prefect UI link."""
     delivery = new_delivery_id()
     body = body_of("push_branch.json")
     r = post(receiver.url, body, signed_headers(body, delivery=delivery))
     assert r.status_code == 202, r.text
     data = r.json()
-    assert data["status"] == "queued"
-    assert len(data["runs"]) == 1
-    run_info = data["runs"][0]
+    assert data["status"] == "queued" and data["delivery_id"] == delivery
+    view = wait_for_delivery(receiver.url, delivery)
+    assert view["status"] == "dispatched" and view["reason"] == ""
+    assert len(view["runs"]) == 1
+    run_info = view["runs"][0]
     assert (run_info["app"], run_info["environment"]) == ("workout-api", "staging")
     assert run_info["url"].endswith(f"/runs/flow-run/{run_info['flow_run_id']}")
 
@@ -72,17 +82,24 @@ def test_matching_push_creates_one_run_with_parameters(receiver: ServerThread, p
     assert params["delivery_id"] == delivery and params["received_at"]
 
 
-def test_redelivery_returns_the_same_run(receiver: ServerThread, prefect_api: str) -> None:
-    """The same delivery posted twice (GitHub's redeliver) starts one run and returns its id both times."""
+def test_redelivery_after_dispatch_answers_from_the_store(receiver: ServerThread, prefect_api: str) -> None:
+    """The same delivery posted again once its run exists (GitHub's Redeliver) answers with that run
+    from the store; Prefect still has exactly one run for it."""
     delivery = new_delivery_id()
     body = body_of("push_tag.json")
     first = post(receiver.url, body, signed_headers(body, delivery=delivery)).json()
-    second = post(receiver.url, body, signed_headers(body, delivery=delivery)).json()
-    assert first["status"] == second["status"] == "queued"
-    assert first["runs"][0]["flow_run_id"] == second["runs"][0]["flow_run_id"]
+    view = wait_for_delivery(receiver.url, delivery)
+    second = post(receiver.url, body, signed_headers(body, delivery=delivery))
+    assert second.status_code == 202
+    again = second.json()
+    assert first["status"] == again["status"] == "queued"
+    assert again["delivery_status"] == "dispatched" and "redelivery" in again["reason"]
+    assert again["runs"][0]["flow_run_id"] == view["runs"][0]["flow_run_id"]
+    time.sleep(0.5)  # a second dispatch, if there were one, would have happened by now
     runs = runs_for(prefect_api, delivery)
-    assert [str(r.id) for r in runs] == [first["runs"][0]["flow_run_id"]]
+    assert [str(r.id) for r in runs] == [view["runs"][0]["flow_run_id"]]
     assert runs[0].parameters["environment"] == "prod"
+    assert wait_for_delivery(receiver.url, delivery)["attempt_count"] == 1
 
 
 def test_pipeline_bump_push_creates_no_run(receiver: ServerThread, prefect_api: str) -> None:
@@ -118,46 +135,63 @@ def test_healthz_reports_prefect_reachable(receiver: ServerThread) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ok", "prefect_api": "reachable"}
 
 
-def test_prefect_down_is_503_within_bound(prefect_api: str) -> None:
-    """With the Prefect API unreachable the delivery fails visibly with 503 so GitHub can redeliver."""
+def test_prefect_down_is_acknowledged_and_kept_pending(prefect_api: str) -> None:
+    """With the Prefect API unreachable the delivery is still stored and acknowledged (202); it stays
+    pending with each failed attempt recorded, and /healthz says Prefect is unreachable."""
     api = f"http://127.0.0.1:{closed_port()}/api"
-    app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=api), start_timeout=3)
+    app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=api), start_timeout=3,
+                     backoff_initial=0.1, backoff_max=0.2)
     with ServerThread(app) as server:
         body = body_of("push_branch.json")
         started = time.monotonic()
         r = post(server.url, body, signed_headers(body))
-        elapsed = time.monotonic() - started
-        assert r.status_code == 503, r.text
-        assert r.json()["status"] == "unavailable"
-        assert elapsed < 30  # bounded (3 s here), far from hanging until GitHub's own timeout
+        assert time.monotonic() - started < 5
+        assert r.status_code == 202, r.text
+        assert r.json()["delivery_status"] == "pending"
+        deadline = time.monotonic() + 30
+        while (view := httpx.get(r.json()["status_url"], timeout=30).json())["attempt_count"] < 2:
+            assert time.monotonic() < deadline, view
+            time.sleep(0.1)
+        assert view["status"] == "pending" and view["runs"] == []
+        assert "unreachable" in view["attempts"][-1]["outcome"]
         health = httpx.get(f"{server.url}/healthz", timeout=30).json()
         assert health == {"status": "ok", "prefect_api": "unreachable"}
 
 
-def test_prefect_slow_is_503_within_bound() -> None:
-    """A Prefect API that accepts connections but never answers also gives 503 after the bound."""
+def test_prefect_slow_is_retried_after_the_bound() -> None:
+    """A Prefect API that accepts connections but never answers: acknowledged at once, and each
+    attempt ends after the start timeout, recorded as such."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # never accepted: connects succeed, reads hang
     try:
         api = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
         app = create_app(secret=SECRET, config_loader=make_config, starter=PrefectStarter(api_url=api),
-                         start_timeout=2, health_timeout=1)
+                         start_timeout=1, health_timeout=1, backoff_initial=0.1, backoff_max=0.2)
         with ServerThread(app) as server:
             body = body_of("push_new_branch.json")
             r = post(server.url, body, signed_headers(body))
-            assert r.status_code == 503
-            assert r.json() == {"status": "unavailable", "reason": "Prefect API did not answer within 2 s"}
+            assert r.status_code == 202 and r.json()["delivery_status"] == "pending"
+            deadline = time.monotonic() + 30
+            while not (view := httpx.get(r.json()["status_url"], timeout=30).json())["attempts"]:
+                assert time.monotonic() < deadline, view
+                time.sleep(0.1)
+            assert view["status"] == "pending"
+            assert view["attempts"][0]["outcome"] == "Prefect API did not answer within 1 s"
             assert httpx.get(f"{server.url}/healthz", timeout=30).json()["prefect_api"] == "unreachable"
     finally:
         listener.close()
 
 
-def test_missing_deployment_is_503(prefect_api: str) -> None:
-    """If the deploy deployment is not registered, the delivery fails with 503 naming it."""
+def test_missing_deployment_fails_the_delivery(prefect_api: str) -> None:
+    """If the deploy deployment is not registered, the delivery is marked failed with a reason naming it."""
     app = create_app(secret=SECRET, config_loader=make_config,
                      starter=PrefectStarter(api_url=prefect_api, deployment_name="deploy/not-registered"))
     with ServerThread(app) as server:
         body = body_of("push_branch.json")
         r = post(server.url, body, signed_headers(body))
-        assert r.status_code == 503 and "deploy/not-registered" in json.dumps(r.json())
+        assert r.status_code == 202
+        view = wait_for_delivery(server.url, r.json()["delivery_id"])
+        assert view["status"] == "failed" and "deploy/not-registered" in view["reason"]
+        assert view["runs"] == [] and view["attempt_count"] == 1
+        assert "deploy/not-registered" in json.dumps(view["requests"])

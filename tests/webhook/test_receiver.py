@@ -10,7 +10,15 @@ import pytest
 
 from delivery.errors import ConfigError
 from deployments.webhook import MAX_BODY_BYTES, create_app
-from tests.webhook.helpers import SECRET, RecordingStarter, ServerThread, body_of, make_config, signed_headers
+from tests.webhook.helpers import (
+    SECRET,
+    RecordingStarter,
+    ServerThread,
+    body_of,
+    make_config,
+    signed_headers,
+    wait_for_delivery,
+)
 
 
 @pytest.fixture
@@ -43,34 +51,47 @@ def test_body_of_exactly_the_cap_is_read(recording: tuple[ServerThread, Recordin
     assert r.status_code == 400 and "not a JSON object" in r.json()["reason"]
 
 
-def test_queued_answer_lists_runs(recording: tuple[ServerThread, RecordingStarter]) -> None:
-    """A matching push answers 202 queued with one run entry per app and environment."""
+def test_queued_answer_names_the_delivery_and_its_status_url(
+    recording: tuple[ServerThread, RecordingStarter],
+) -> None:
+    """A matching push answers 202 queued with the delivery id and a status URL that then lists one
+    run per app and environment."""
     server, starter = recording
     body = body_of("push_new_branch.json")
-    r = httpx.post(f"{server.url}/webhooks/github", content=body, headers=signed_headers(body), timeout=60)
+    headers = signed_headers(body)
+    r = httpx.post(f"{server.url}/webhooks/github", content=body, headers=headers, timeout=60)
     assert r.status_code == 202
     data = r.json()
     assert data["status"] == "queued"
-    assert [(x["app"], x["environment"]) for x in data["runs"]] == [("workout-api", "dev")]
-    assert set(data["runs"][0]) == {"flow_run_id", "app", "environment", "url"}
+    assert data["delivery_id"] == headers["X-GitHub-Delivery"]
+    assert data["status_url"] == f"{server.url}/webhooks/github/deliveries/{data['delivery_id']}"
+    view = wait_for_delivery(server.url, data["delivery_id"])
+    assert view["status"] == "dispatched"
+    assert [(x["app"], x["environment"]) for x in view["runs"]] == [("workout-api", "dev")]
+    assert set(view["runs"][0]) == {"flow_run_id", "app", "environment", "url"}
     assert len(starter.calls) == 1
 
 
 def test_each_delivery_logged_once_without_body_or_signature(
     recording: tuple[ServerThread, RecordingStarter], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One INFO line per delivery with id, event, ref, decision and run ids; no body, no signature."""
+    """One INFO line when a delivery is accepted (id, event, ref, decision) and one when its runs are
+    created (their ids); neither carries the body, the signature or the secret."""
     server, _ = recording
     body = body_of("push_branch.json")
-    headers = signed_headers(body, delivery="11111111-2222-3333-4444-555555555555")
+    delivery = "11111111-2222-3333-4444-555555555555"
+    headers = signed_headers(body, delivery=delivery)
     with caplog.at_level(logging.INFO, logger="delivery"):
-        r = httpx.post(f"{server.url}/webhooks/github", content=body, headers=headers, timeout=60)
-    run_id = r.json()["runs"][0]["flow_run_id"]
+        httpx.post(f"{server.url}/webhooks/github", content=body, headers=headers, timeout=60)
+        run_id = wait_for_delivery(server.url, delivery)["runs"][0]["flow_run_id"]
     lines = [rec.getMessage() for rec in caplog.records if "11111111-2222" in rec.getMessage()]
-    assert len(lines) == 1
-    line = lines[0]
-    assert "push" in line and "refs/heads/main" in line and "queued" in line and run_id in line
-    assert headers["X-Hub-Signature-256"][7:] not in line and "Codertocat" not in line and SECRET not in line
+    accepted = [line for line in lines if "-> 202 queued" in line]
+    dispatched = [line for line in lines if "-> dispatched" in line]
+    assert len(accepted) == 1 and len(dispatched) == 1, lines
+    assert "push" in accepted[0] and "refs/heads/main" in accepted[0]
+    assert run_id in dispatched[0]
+    for line in lines:
+        assert headers["X-Hub-Signature-256"][7:] not in line and "Codertocat" not in line and SECRET not in line
 
 
 def test_broken_config_is_503() -> None:
