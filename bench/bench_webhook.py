@@ -125,6 +125,7 @@ async def _drive(url: str, rate: float, seconds: float, *, secret: str = SECRET,
 
     latencies: dict[str, list[float]] = {"valid": [], "rejected": []}
     statuses: dict[str, Counter[int]] = {"valid": Counter(), "rejected": Counter()}
+    accepted: list[str] = []  # delivery ids of valid pushes answered 2xx
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         payload = body()
@@ -140,6 +141,8 @@ async def _drive(url: str, rate: float, seconds: float, *, secret: str = SECRET,
         try:
             r = await client.post(f"{url}/webhooks/github", content=payload, headers=headers)
             statuses[kind][r.status_code] += 1
+            if kind == "valid" and 200 <= r.status_code < 300:
+                accepted.append(headers["X-GitHub-Delivery"])
         except httpx.HTTPError:
             statuses[kind][0] += 1
         latencies[kind].append((time.perf_counter() - started) * 1000)
@@ -170,7 +173,51 @@ async def _drive(url: str, rate: float, seconds: float, *, secret: str = SECRET,
             "statuses": {str(k): v for k, v in sorted(statuses[kind].items())},
         }
 
-    return {"sent": total, "elapsed_s": round(elapsed, 2), "valid": summary("valid"), "rejected": summary("rejected")}
+    return {"sent": total, "elapsed_s": round(elapsed, 2), "valid": summary("valid"), "rejected": summary("rejected"),
+            "accepted_ids": accepted}
+
+
+def _runs_per_delivery(deployment_name: str) -> Counter[str]:
+    """How many runs of the bench deployment each delivery id got (the `delivery_id` parameter)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    counts: Counter[str] = Counter()
+    with get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name(deployment_name)
+        offset = 0
+        while True:
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                    limit=200, offset=offset)
+            if not runs:
+                return counts
+            counts.update(str(r.parameters.get("delivery_id", "")) for r in runs)
+            offset += len(runs)
+
+
+def _wait_dispatched(store_path: Path, ids: list[str], timeout: float = 600) -> float:
+    """Seconds until every accepted delivery left `pending` in the receiver's store (read beside it: WAL)."""
+    from deployments.webhook.store import PENDING, DeliveryStore
+
+    t0 = time.monotonic()
+    store = DeliveryStore(store_path, create=False)
+    try:
+        while True:
+            records = {i: store.get(i) for i in ids}
+            pending = [i for i, rec in records.items() if rec is None or rec.status == PENDING]
+            if not pending:
+                outcomes: Counter[str] = Counter()
+                for rec in records.values():
+                    for a in rec.attempts if rec else []:
+                        text = a["outcome"]
+                        outcomes["created" if text.startswith("created") else text[:60]] += 1
+                print(f"  attempts: {dict(outcomes.most_common(6))}", flush=True)
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit(f"{len(pending)} accepted deliveries still pending after {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        store.close()
 
 
 def _run_scenario(name: str, api_url: str | None, deployment: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -192,6 +239,7 @@ def _run_scenario(name: str, api_url: str | None, deployment: str, rate: float, 
             time.sleep(0.2)
         print(f"[{name}] {rate:g} deliveries/s for {seconds:g} s against {url} ...", flush=True)
         result = asyncio.run(_drive(url, rate, seconds))
+        result.pop("accepted_ids")
     finally:
         proc.terminate()
         proc.join(timeout=10)
@@ -268,10 +316,16 @@ def run_stack(ctx: Any, rate: float = 50.0, seconds: float = 10.0,
     rejected = asyncio.run(_drive(ctx.stack.webhook_url, rate, seconds / 2, secret=wrong, every_rejected=1,
                                   body=body))
 
+    import tempfile
+
     _register_bench_deployment()
     port = _free_port()
+    # A store of its own: the stack's receiver dispatches whatever is pending in its store to the real
+    # deploy deployment, and must never see the twin's deliveries.
+    scratch = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
+    store_path = scratch / "deliveries.sqlite3"
     env = {**os.environ, "DELIVERY_WEBHOOK_SECRET": ctx.secret, "PYTHONPATH": str(ROOT),
-           "DELIVERY_CONFIG_FILE": os.environ["DELIVERY_CONFIG_FILE"]}
+           "DELIVERY_CONFIG_FILE": os.environ["DELIVERY_CONFIG_FILE"], "DELIVERY_WEBHOOK_STORE_PATH": str(store_path)}
     proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                              f"import bench_webhook; bench_webhook._serve_twin({port})"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -291,20 +345,39 @@ def run_stack(ctx: Any, rate: float = 50.0, seconds: float = 10.0,
                   f"{BENCH_DEPLOYMENT} on the stack's Prefect server", flush=True)
             res = asyncio.run(_drive(url, r, secs, secret=ctx.secret, body=body))
             res["rate_per_s"] = r
+            ids = res.pop("accepted_ids")
+            # Acknowledged is not done: every accepted delivery must get exactly one run.
+            res["dispatch_drain_s"] = round(_wait_dispatched(store_path, ids), 2)
+            per = _runs_per_delivery(BENCH_DEPLOYMENT)
+            res["accepted"] = len(ids)
+            res["with_exactly_one_run"] = sum(1 for i in ids if per.get(i) == 1)
+            res["runs_created"] = sum(per.values())
+            print(f"  {res['accepted']} accepted; {res['with_exactly_one_run']} got exactly one run "
+                  f"({res['runs_created']} runs); all dispatched {res['dispatch_drain_s']:.1f} s after the last push",
+                  flush=True)
             levels.append(res)
             _delete_bench_runs(deployment_too=False)  # between levels: a growing run table is not measured
             time.sleep(1)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.monotonic()
     deleted = _delete_bench_runs()
     print(f"deleted the bench deployment and its Scheduled runs in {time.monotonic() - t0:.1f} s", flush=True)
     main_level = levels[-1]
     out = {"rate_per_s": rate, "valid": main_level["valid"], "rejected_twin": main_level["rejected"],
+           "accepted": main_level["accepted"], "with_exactly_one_run": main_level["with_exactly_one_run"],
+           "dispatch_drain_s": main_level["dispatch_drain_s"],
            "rejected_stack": rejected["rejected"], "deleted_runs_last": deleted,
            "sweep": [{"rate_per_s": lv["rate_per_s"], "valid": lv["valid"], "rejected": lv["rejected"]}
                      for lv in levels]}
+    for lv in out["sweep"]:
+        src = next(x for x in levels if x["rate_per_s"] == lv["rate_per_s"])
+        lv.update(accepted=src["accepted"], with_exactly_one_run=src["with_exactly_one_run"],
+                  dispatch_drain_s=src["dispatch_drain_s"])
     for lv in levels:
         s = lv["valid"]
         print(f"valid @ {lv['rate_per_s']:>4g}/s {s['count']:>5}  p50 {s['p50_ms']:8.2f} ms  "

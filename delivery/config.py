@@ -6,6 +6,7 @@ Example:
     apps:
       workout-api:
         source_repo: https://github.com/your-org/workout-api.git
+        github_repository: your-org/workout-api   # for deploy feedback; default: from a GitHub source_repo
         context: .                     # build context inside the source repo
         dockerfile: Dockerfile
         image: registry.example.com/your-org/workout-api
@@ -77,6 +78,9 @@ class App:
     gitops_branch: str = "main"
     # Extra `docker build` args, e.g. BASE_IMAGE for machines without Docker Hub.
     build_args: dict[str, str] = field(default_factory=dict)
+    # "owner/name" on GitHub that gets the deploy feedback (statuses, Deployments); empty: derived
+    # from `source_repo` when that is a GitHub URL (see tasks/github.py).
+    github_repository: str = ""
 
     def environment(self, name: str) -> Environment:
         try:
@@ -121,6 +125,8 @@ def _repo_key(url_or_name: str) -> str:
 
 _ENV_REQUIRED = ("values_file", "application", "namespace", "deployment", "health_url")
 _APP_REQUIRED = ("source_repo", "image", "gitops_repo", "chart_path")
+# GitHub's rules for owner and repository names, loosely: it goes into API paths, so no "/" or "..".
+_GITHUB_REPO_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}")
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -151,6 +157,15 @@ def _check_name(name: Any, where: str) -> str:
     if not _NAME_RE.fullmatch(text):
         raise ConfigError(f"{where}: name {text!r} must be 1-63 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit")
+    return text
+
+
+def _github_repository(value: Any, where: str) -> str:
+    if value is None or value == "":
+        return ""
+    text = str(value).strip()
+    if not _GITHUB_REPO_RE.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{where}: expected \"owner/name\" of a GitHub repository, got {text!r}")
     return text
 
 
@@ -200,6 +215,7 @@ def parse_config(data: Any, path: Path) -> Config:
             default_branch=str(raw.get("default_branch", "main")),
             gitops_branch=str(raw.get("gitops_branch", "main")),
             build_args=_str_map(raw.get("build_args"), f"{where}.build_args"),
+            github_repository=_github_repository(raw.get("github_repository"), f"{where}.github_repository"),
         )
     return Config(path=path, apps=apps)
 

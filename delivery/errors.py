@@ -85,12 +85,28 @@ class RollbackError(DeliveryError):
     """The rollback could not be carried out or verified."""
 
 
+class RecoveryError(DeliveryError):
+    """A crashed run cannot be recovered: it is not a deploy run, it is still running, or its
+    parameters are unusable."""
+
+
 class WebhookError(DeliveryError):
     """A webhook delivery was refused; `status` is the HTTP status to answer."""
 
     def __init__(self, message: str, *, status: int, transient: bool = False) -> None:
         super().__init__(message, transient=transient)
         self.status = status
+
+
+class GitHubError(DeliveryError):
+    """A GitHub REST API call failed; `status` is the HTTP status (None: no answer). Only the GitHub
+    feedback module raises it, and it turns it into a report note: GitHub never fails a deploy."""
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = False,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, transient=transient)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class SandboxError(DeliveryError):

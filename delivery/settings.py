@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     # Ceiling of the dispatcher's backoff while Prefect is unreachable (it retries for as long as needed).
     webhook_dispatch_backoff_max_seconds: float = Field(default=30, gt=0)
 
+    # GitHub deploy feedback (commit statuses and Deployments on the source repository). No token means
+    # no feedback. The token, from the setting or else the named Prefect `Secret` block, travels only
+    # in the `Authorization` header. GitHub Enterprise: `github_api_url` is `https://HOST/api/v3`.
+    # `github_repository` ("owner/name") applies to apps whose config names none and whose
+    # source_repo is not a URL on that GitHub.
+    github_token: SecretStr | None = None
+    github_token_block: str | None = None
+    github_api_url: str = "https://api.github.com"
+    github_repository: str | None = None
+    # One request's timeout; an outage (connection error, timeout, 5xx, 429, rate limit) is retried up
+    # to `github_attempts` times within `github_retry_seconds`, then given up: feedback never fails a deploy.
+    github_timeout_seconds: float = Field(default=10, gt=0)
+    github_attempts: int = Field(default=4, ge=1)
+    github_retry_seconds: float = Field(default=30, gt=0)
+
     # Lease of the per-environment deploy lock: renewed while the run lives, so this is how long a
     # killed run keeps the environment locked before Prefect's repossessor frees it (the server
     # refuses leases under 60 s).

@@ -166,6 +166,13 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
         else:
             report.digest = images.push_image_task(a.image, tags, credentials=creds).digest
 
+    # The last look before Git is written, the point of no return: in a burst of pushes the newer
+    # commits are often queued only while this one builds. Superseded here, it leaves only an image
+    # in the registry behind, and the newest run takes the lock at once.
+    newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, None, fetch=True)
+    if newer:
+        raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, queued while this one built")
+
     with report.stage("bump-commit-push"):
         bump = values.bump_image_tag_task(values_file, tag)
         message = trailers.commit_message(

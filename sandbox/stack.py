@@ -129,8 +129,6 @@ def up(*, webhook_port: int = WEBHOOK_PORT, real: bool = False) -> StackState:
     ui = api.removesuffix("/api")
     env.update(
         PREFECT_API_URL=api, PREFECT_UI_URL=ui, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        # serve() looks for new runs every 10 s by default; that alone would dominate lead time.
-        PREFECT_RUNNER_POLL_FREQUENCY=env.get("PREFECT_RUNNER_POLL_FREQUENCY", "1"),
         DELIVERY_WEBHOOK_SECRET=sandbox_webhook_secret(),
         PYTHONPATH=str(PROJECT_ROOT),
     )

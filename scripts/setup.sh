@@ -10,6 +10,7 @@ command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
 command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
 [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
+command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing Debian packages ${need_pkgs[*]} and not root; install them and re-run" >&2
@@ -32,6 +33,17 @@ if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# GitHub's REST OpenAPI description, which the fake GitHub in tests/github checks every request
+# against. Pinned; kept out of Git under .tools/ (about 390 MB: it carries every GHES version too).
+OCTOKIT_OPENAPI_VERSION=23.0.2
+openapi_pkg=.tools/npm/node_modules/@octokit/openapi/package.json
+if ! grep -q "\"version\": \"$OCTOKIT_OPENAPI_VERSION\"" "$openapi_pkg" 2>/dev/null; then
+  echo "setup: npm install @octokit/openapi@$OCTOKIT_OPENAPI_VERSION into .tools/npm"
+  mkdir -p .tools/npm
+  npm install --prefix .tools/npm --no-audit --no-fund --save-exact --loglevel=error \
+    "@octokit/openapi@$OCTOKIT_OPENAPI_VERSION" >/dev/null
 fi
 
 .venv/bin/python scripts/install-helm.py

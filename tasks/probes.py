@@ -450,6 +450,7 @@ def probe_health(
     expect_version: str,
     successes: int = 3,
     interval: float = 0.5,
+    confirm_interval: float = 0.1,
     timeout: float = 60,
     request_timeout: float = 3,
     headers: dict[str, str] | None = None,
@@ -459,6 +460,11 @@ def probe_health(
 
     Anything else (another version, a 5xx, a refused connection) resets the count and is logged once
     per distinct answer; after `timeout` seconds HealthCheckFailed says what the last answer was.
+    While the app is not answering the version yet it is asked every `interval`; once it does, the
+    confirming answers come `confirm_interval` apart. By then the rollout is complete and the new
+    pods are Ready, so the streak only has to show the answer is not a one-off (a flapping app, a
+    Service still pointing at an old pod): a healthy app is verified in (successes - 1) x 0.1 s
+    instead of a full second.
     """
     log = get_logger()
     if url.startswith(KUBE_PROXY_SCHEME):
@@ -519,7 +525,7 @@ def probe_health(
                 raise HealthCheckFailed(
                     f"{shown_url} did not answer version {expect_version!r} {successes} times in a row within "
                     f"{timeout:.0f} s; last answer: {last_answer}", transient=False)
-            time.sleep(interval)
+            time.sleep(confirm_interval if ok else interval)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,10 +544,10 @@ def wait_for_rollout_task(deployment: str, namespace: str, timeout: float,
 
 @task(name="probe-health", cache_policy=NO_CACHE)
 def probe_health_task(url: str, expect_version: str, successes: int = 3, interval: float = 0.5,
-                      timeout: float = 60, request_timeout: float = 3) -> HealthAnswer:
+                      timeout: float = 60, request_timeout: float = 3, confirm_interval: float = 0.1) -> HealthAnswer:
     """No retries: the probe already retries within its timeout; a wrong version is a verdict, not a blip."""
     return probe_health(url, expect_version=expect_version, successes=successes, interval=interval,
-                        timeout=timeout, request_timeout=request_timeout)
+                        confirm_interval=confirm_interval, timeout=timeout, request_timeout=request_timeout)
 
 
 __all__ = [

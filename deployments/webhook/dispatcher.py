@@ -34,7 +34,7 @@ class Dispatcher:
         starter: Starter,
         *,
         start_timeout: float = START_TIMEOUT_SECONDS,
-        backoff_initial: float = 0.5,
+        backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
         secrets: list[str] | None = None,
         rng: Callable[[], float] = random.random,

@@ -95,7 +95,7 @@ def create_app(
     start_timeout: float = START_TIMEOUT_SECONDS,
     health_timeout: float = HEALTH_TIMEOUT_SECONDS,
     max_body_bytes: int = MAX_BODY_BYTES,
-    backoff_initial: float = 0.5,
+    backoff_initial: float = 0.2,
     backoff_max: float = 30.0,
 ) -> FastAPI:
     """The receiver's ASGI app. Fails closed: an empty secret is a configuration error.

@@ -752,16 +752,20 @@ class Workload(threading.Thread):
                 if self._spec_moved(spec):
                     self._abandon("moved", pod, dep, spec, old_ready)
                     return
-            time.sleep(0.3)
+            # The kubelet probes on the chart's period (5 s); the emulator looks more often so that a
+            # sandbox deploy is not timed by its polling.
+            time.sleep(0.1)
         # Ready: the Service sends new connections to it, the old pod drains and goes away.
         self.pod_problem = None
         self._set(pod, spec, ready=True)
         if self.proxy is not None:
             self.proxy.backend = pod.host_port
         self.current = pod
-        if old is not None:
-            time.sleep(DRAIN_SECONDS)
-            self._remove(old)
+        # As the real controllers do: the old pod is deleted (Terminating) and its ReplicaSet scaled to
+        # 0 at once, and the Deployment's status counts it gone then; the drain of its open
+        # connections (terminationGracePeriodSeconds) delays no status.
+        if old is not None and old.pod_name:
+            self._delete_pod_object(old.pod_name)
         self._scale_down_others(spec)
         log.info("app %s: %s is ready on 127.0.0.1:%s", self.app, spec.image, self.port)
         fresh = self._read()
@@ -769,6 +773,9 @@ class Workload(threading.Thread):
             fresh_spec = live_spec(fresh)
             if fresh_spec is not None and fresh_spec.image == spec.image:
                 self._write_status(fresh, fresh_spec, STEADY, spec.image, False)
+        if old is not None:
+            time.sleep(DRAIN_SECONDS)
+            self._remove(old)
 
 
 def _strip_times(status: dict[str, Any]) -> Any:

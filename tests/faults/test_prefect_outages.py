@@ -8,6 +8,7 @@ their own pointed at it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -161,6 +162,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _run_processes(serve_pid: int) -> list[int]:
+    """The flow-run processes of a serve process: the children of its fork server."""
+    out = []
+    for child in Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split():
+        if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            out += [int(c) for c in Path(f"/proc/{child}/task/{child}/children").read_text().split()]
+    return out
+
+
 def _serve(fe: FaultEnv, server: PrefectServer, log: Path) -> subprocess.Popen[bytes]:
     env = _env(fe, server, DELIVERY_LOCK_LEASE_SECONDS=LEASE_SECONDS, PREFECT_RUNNER_POLL_FREQUENCY="1")
     with open(log, "ab") as out:
@@ -239,4 +249,45 @@ def test_serve_process_killed_mid_deploy(settings_of: FaultEnv, server: PrefectS
         if serve.poll() is None:
             for pid in [*_descendants(serve.pid), serve.pid]:
                 os.kill(pid, signal.SIGTERM)
+            serve.wait(timeout=30)
+
+
+def test_one_run_killed_does_not_take_another(settings_of: FaultEnv, server: PrefectServer, source: SourceClone,
+                                              tmp_path: Path) -> None:
+    """Two runs served at once, each in its own process forked from the warm server: SIGKILL of one is
+    reported Crashed by the runner at once, and the other completes and verifies its release."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    fe = settings_of
+    sha = source.commit(BRANCH, "one run killed")
+    tag = f"main-{sha[:7]}"
+    serve = _serve(fe, server, tmp_path / "serve.log")
+    try:
+        wait_for(lambda: _deployment_exists(server), 120, "the deploy deployment served", interval=0.5)
+        before = set(_run_processes(serve.pid))
+        with ArgoPaused(fe):
+            first = _start_run(server, sha)
+            wait_for(lambda: _commits_for(fe, tag) == 1, 180, "the first run's values commit")
+            first_pids = set(_run_processes(serve.pid)) - before
+            assert len(first_pids) == 1, f"one process per run, forked from the server: {first_pids}"
+            # The same deploy again: it waits for the environment's lock in a process of its own.
+            second = _start_run(server, sha)
+            wait_for(lambda: run_coro_as_sync(_run_state(server.api_url, second)) == "RUNNING", 60,
+                     "the second run to be Running")
+            second_pids = set(_run_processes(serve.pid)) - before - first_pids
+            assert len(second_pids) == 1, second_pids
+            os.kill(second_pids.pop(), signal.SIGKILL)
+            wait_for(lambda: run_coro_as_sync(_run_state(server.api_url, second)) == "CRASHED", 30,
+                     "the killed run to be marked Crashed by the runner")
+        final = wait_for(lambda: (st := run_coro_as_sync(_run_state(server.api_url, first))) in
+                         ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and st, 240, "the first run to finish", 1)
+        assert final == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert app_version(fe.health_url(ENV)) == tag
+        assert _commits_for(fe, tag) == 1
+        assert serve.poll() is None, "the serve process outlives a killed run"
+    finally:
+        if serve.poll() is None:
+            for pid in [*_descendants(serve.pid), serve.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             serve.wait(timeout=30)

@@ -158,3 +158,60 @@ def test_kube_proxy_target_goes_through_the_api_server(tmp_path) -> None:
         "workout-dev", "workout-api", "http", "/api/health/")
     with pytest.raises(HealthCheckFailed, match="bad service proxy URL"):
         parse_kube_proxy_url("kube-proxy://workout-dev/workout-api/api/health/")
+
+
+class _Flapping:
+    """An app whose answers follow `versions` in a cycle: a release that is not stable."""
+
+    def __init__(self, versions: list[str]) -> None:
+        import http.server
+
+        self.versions = versions
+        self.count = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                version = outer.versions[outer.count % len(outer.versions)]
+                outer.count += 1
+                body = json.dumps({"status": "ok", "version": version}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/health/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("versions", [["2.0.0", "2.0.0", "1.0.0"], ["2.0.0", "1.0.0", "1.0.0", "1.0.0"]])
+def test_flapping_or_one_off_answer_is_not_verified(versions: list[str]) -> None:
+    """An app that answers the new version only now and then (flapping, or a one-off) is never verified, even
+    though the confirming answers are taken quickly once the new version shows."""
+    app = _Flapping(versions)
+    try:
+        with pytest.raises(HealthCheckFailed) as exc:
+            probe_health(app.url, expect_version="2.0.0", interval=0.05, confirm_interval=0.05, timeout=1.5)
+    finally:
+        app.close()
+    assert "3 times in a row" in str(exc.value)
+    assert app.count >= 10
+
+
+def test_healthy_app_is_confirmed_with_few_requests() -> None:
+    """A healthy app is verified with exactly `successes` requests, no waiting between failed tries."""
+    app = _Flapping(["2.0.0"])
+    try:
+        answer = probe_health(app.url, expect_version="2.0.0", timeout=30)
+    finally:
+        app.close()
+    assert (answer.successes, app.count) == (3, 3)
