@@ -29,6 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -63,11 +64,31 @@ def install(preload: list[str] | None = None) -> multiprocessing.context.BaseCon
     flow-run subprocesses through it. Call once, in the process that runs `serve`."""
     import prefect.flow_engine
 
+    _forget_main()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload if preload is not None else PRELOAD))
     multiprocessing.forkserver.ensure_running()
     prefect.flow_engine.multiprocessing = _MultiprocessingWithForkserver(context)  # type: ignore[attr-defined]
     return context
+
+
+def _forget_main() -> None:
+    """Keep multiprocessing from running this process's main module again in each child.
+
+    Every child multiprocessing makes first re-executes the parent's `__main__` (for
+    `python -m deployments.serve`: deployments/serve.py) *from disk*, so that objects defined there
+    can be unpickled. Runs need nothing from it (the flow and Prefect's entry point are pickled by
+    reference to modules the server preloaded), and re-running it would mix the code the server
+    preloaded with whatever is on disk now: measured, a child crashed at once when serve.py on disk
+    had changed under a running serve. Without a module name or file for `__main__`, the child
+    leaves it alone. The price: after changing the pipeline's code, restart serve (as for any
+    long-lived process)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return
+    main.__spec__ = None
+    if hasattr(main, "__file__"):
+        del main.__file__
 
 
 def installed() -> bool:
