@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,11 +49,32 @@ class Report:
     git_names: str = ""
     cluster_runs: str = ""
     argocd_final: str = ""
+    # What went wrong on the side (GitHub feedback not sent, say) without failing the run.
+    notes: list[str] = field(default_factory=list)
+
+    # Listeners (GitHub feedback) are told when a stage starts and ends and when the run finishes:
+    # listener(event, name, outcome, detail) with event "stage-start" | "stage-end" | "finish". Kept
+    # outside the dataclass fields so that `summary()` (the run's result) never carries them.
+    def listen(self, listener: Callable[..., None]) -> None:
+        self.__dict__.setdefault("_listeners", []).append(listener)
+
+    @property
+    def listeners(self) -> list[Callable[..., None]]:
+        return list(self.__dict__.get("_listeners", []))
+
+    def _tell(self, *event: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(*event)
+            except Exception as e:  # noqa: BLE001 - a listener's trouble is a note, never the run's failure
+                self.notes.append(f"{type(listener).__name__} failed on {event[0]} {event[1]}: "
+                                  f"{type(e).__name__}: {e}")
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Stage]:
         st = Stage(name)
         self.stages.append(st)
+        self._tell("stage-start", name)
         t0 = time.monotonic()
         try:
             yield st
@@ -64,6 +85,7 @@ class Report:
             raise
         finally:
             st.seconds = round(time.monotonic() - t0, 3)
+            self._tell("stage-end", name, st.outcome, st.detail)
 
     @property
     def failed_stage(self) -> str:
@@ -74,6 +96,7 @@ class Report:
         self.result = result
         self.reason = reason
         self.finished_at = time.time()
+        self._tell("finish", result, "", reason)
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "failed_stage": self.failed_stage}
@@ -104,6 +127,8 @@ class Report:
             detail = s.detail.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {s.name} | {s.seconds:.2f} | {s.outcome} | {detail} |")
         total = (self.finished_at or time.time()) - self.started_at
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         lines += ["", f"Total: {total:.1f} s", "", f"<!-- {SUMMARY_MARKER} {json.dumps(self.summary())} -->"]
         return "\n".join(lines)
 

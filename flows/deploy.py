@@ -24,6 +24,7 @@ from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
+from flows import feedback
 from flows.common import commit_author, publish, read_back, verify, work_dir
 from flows.rollback import rollback
 from tasks import gitops, images, records, trailers, values
@@ -87,6 +88,9 @@ def deploy(
     report = Report(kind="deploy", app=app, environment=environment, tag=tag, source_ref=source_ref,
                     source_sha=source_sha, health_url=env.health_url, flow_run_id=str(runtime.flow_run.id or ""),
                     received_at=received_at or "")
+    # Commit statuses and a GitHub Deployment for this run, kept up to date from the report (off
+    # without a GitHub token; never fails the run).
+    feedback.attach(report, a, run_url=runtime.flow_run.ui_url)
     values_path = a.values_path(environment)
     ref_name = source_ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
     tag_flow_run(runtime.flow_run.id, [f"app:{app}", f"env:{environment}", f"ref:{ref_name}"])
@@ -228,7 +232,8 @@ def _roll_back_after(report: Report, a: App, env: Environment, repo: Any, failur
             # must not keep the run (and the environment's lock) for the rollback's own defaults.
             result = rollback(app=a.name, environment=env.name, to_tag=target,
                               reason=f"automatic: deploy of {bad} failed: {failure}", sync_timeout=sync_timeout,
-                              rollout_timeout=rollout_timeout, health_timeout=health_timeout)
+                              rollout_timeout=rollout_timeout, health_timeout=health_timeout,
+                              github_deployment_id=feedback.feedback_of(report))
             report.rolled_back_to = target
             report.serving = result.get("serving", target) if isinstance(result, dict) else target
             outcome = "rolled back"

@@ -16,6 +16,7 @@ from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import ensure_lock
 from delivery.settings import get_settings
+from flows import feedback
 from flows.common import commit_author, publish, read_back, verify, work_dir
 from tasks import argocd, gitops, images, records, trailers, values
 
@@ -36,6 +37,7 @@ def rollback(
     sync_timeout: float = 300.0,
     rollout_timeout: float = 120.0,
     health_timeout: float = 60.0,
+    github_deployment_id: int | None = None,
 ) -> dict[str, Any]:
     """Roll an environment back to `to_tag`, or to the last tag a deploy verified healthy.
 
@@ -44,18 +46,23 @@ def rollback(
         environment: the environment to roll back (e.g. dev, staging, prod).
         to_tag: the image tag to put back; empty means the last known-good tag.
         reason: why; written into the rollback commit.
+        github_deployment_id: the failed deploy's GitHub Deployment, marked failed by this rollback
+            (an automatic rollback passes it; by hand, the newest Deployment of the replaced tag).
     """
     a = load_config().app(app)
     env = a.environment(environment)
     # Run by hand it takes the environment's deploy lock; run by the deploy flow, its parent holds it.
     if runtime.flow_run.parent_flow_run_id:
-        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
+        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout,
+                         github_deployment_id)
     with concurrency(ensure_lock(app, environment), occupy=1, strict=True, timeout_seconds=1800,
                      lease_duration=get_settings().lock_lease_seconds):
-        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout)
+        return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout,
+                         github_deployment_id)
 
 
-def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout) -> dict[str, Any]:
+def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout,
+              github_deployment_id=None) -> dict[str, Any]:
     log = get_logger()
     report = Report(kind="rollback", app=a.name, environment=env.name, health_url=env.health_url,
                     flow_run_id=str(runtime.flow_run.id or ""), reason=reason)
@@ -72,6 +79,8 @@ def _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_time
             raise RollbackError(f"no known-good tag recorded for {a.name}/{env.name} other than {current}; "
                                 "give to_tag explicitly")
         report.tag = target
+        feedback.attach(report, a, run_url=runtime.flow_run.ui_url, kind="rollback",
+                        bad_deployment_id=github_deployment_id, bad_tag=current, reason=reason)
         # Refuse before touching Git: Argo CD would sync a tag whose image cannot be pulled.
         with report.stage("image-check"):
             if not images.image_exists(a.image, target, credentials=images.registry_credentials(get_settings())):
