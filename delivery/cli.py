@@ -118,6 +118,47 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if run.state and run.state.is_completed() else 1
 
 
+def _promote(args: argparse.Namespace) -> int:
+    """Start a promotion and follow it until it ends or waits for an approval (printing where to give it)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from delivery.promotion import PROMOTE_DEPLOYMENT, run_url
+
+    params = {"app": args.app, "from_environment": args.source, "to_environment": args.target, "tag": args.tag,
+              "reason": args.reason}
+    run = run_deployment(name=PROMOTE_DEPLOYMENT, parameters=params, timeout=0, as_subflow=False)
+    url = run_url(str(run.id))
+    print(f"promotion of {args.app} from {args.source} to {args.target}: {url}", flush=True)
+
+    async def read() -> object:
+        async with get_client() as c:
+            return await c.read_flow_run(run.id)
+
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while True:
+        current = run_coro_as_sync(read())
+        state = current.state
+        if current.state_name != last:
+            print(f"  {current.state_name}", flush=True)
+            last = current.state_name or ""
+        if state is not None and state.is_paused():
+            print(f"waiting for an approval: open {url} and click Resume to approve or reject "
+                  "(the form shows the tag, the digest and the verification)")
+            return 0
+        if state is not None and state.is_final():
+            print(f"{current.name}: {current.state_name}: {state.message or ''}")
+            return 0 if state.is_completed() else 1
+        if time.monotonic() > deadline:
+            print(f"{current.name} still {current.state_name} after {args.timeout:g} s; follow it at {url}")
+            return 1
+        time.sleep(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="delivery", description="GitOps delivery pipeline on Prefect.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--local", action="store_true", help="run the flow in this process, not via the deployment")
     rb.add_argument("--timeout", type=float, default=600)
     rb.set_defaults(func=_run)
+
+    pr = sub.add_parser("promote", help="deploy the image verified in one environment to another: the same digest, "
+                                       "no rebuild (waits for an approval where the target requires one)")
+    pr.add_argument("app")
+    pr.add_argument("source", metavar="FROM", help="the environment whose verified image is promoted")
+    pr.add_argument("target", metavar="TO", help="the environment it goes to")
+    pr.add_argument("--tag", default=None, help="a tag verified in FROM (default: the one verified there last)")
+    pr.add_argument("--reason", default="promoted from the CLI")
+    pr.add_argument("--timeout", type=float, default=900,
+                    help="seconds to follow the run (it goes on in Prefect after that)")
+    pr.set_defaults(func=_promote)
 
     dr = sub.add_parser("drift", help="run the drift check now")
     dr.add_argument("apps", nargs="*")

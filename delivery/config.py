@@ -24,8 +24,16 @@ Example:
             namespace: woodez-database-dev        # where the Deployment lives
             deployment: workout-api
             health_url: https://dev.example.com/api/health/
+          staging:
+            branches: [main]
+            promote_from: dev    # promotion: the image verified in dev, never rebuilt
+            auto: true           # promote on its own after each verified deploy to dev
+            soak: 10m            # only a tag verified in dev at least this long, no failure since
+            ...
           prod:
             tags: ["v*.*.*"]
+            promote_from: staging
+            approval: required   # the promote run waits for an approval in the Prefect UI
             ...
 """
 
@@ -54,6 +62,17 @@ class Environment:
     argocd_namespace: str = "argocd"
     branches: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    # Promotion (flows/promote.py): the environment whose verified image this one takes; whether a
+    # promotion waits for an approval; how long the tag must have been verified there, with no failed
+    # verification since; whether a verified deploy there starts the promotion on its own.
+    promote_from: str = ""
+    approval: str = "none"  # required | none
+    soak_seconds: float = 0.0
+    auto: bool = False
+
+    @property
+    def approval_required(self) -> bool:
+        return self.approval == "required"
 
     def matches(self, ref: str) -> bool:
         """Does a Git ref (`refs/heads/x`, `refs/tags/v1.2.3`, or a bare name) deploy here?"""
@@ -95,6 +114,10 @@ class App:
 
     def environments_for_ref(self, ref: str) -> list[Environment]:
         return [e for e in self.environments.values() if e.matches(ref)]
+
+    def promotions_from(self, source: str) -> list[Environment]:
+        """The environments that take their image from `source` (`promote_from: <source>`)."""
+        return [e for e in self.environments.values() if e.promote_from == source]
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,71 @@ def _str_map(value: Any, where: str) -> dict[str, str]:
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
+_APPROVALS = ("required", "none")
+_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """`10m`, `1h30m`, `90s`, `2d` or a number of seconds → seconds."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration like 10m, 1h or 90s, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{where}: a duration cannot be negative, got {value!r}")
+        return float(value)
+    text = str(value).strip()
+    m = _DURATION_RE.fullmatch(text)
+    if not text or not m:
+        raise ConfigError(f"{where}: expected a duration like 10m, 1h or 90s, got {text!r}")
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def _promotion(env_raw: dict[str, Any], ewhere: str) -> dict[str, Any]:
+    """The promotion keys of one environment, checked on their own (the source is checked later)."""
+    source = env_raw.get("promote_from")
+    if source is not None and (not isinstance(source, str) or not source):
+        raise ConfigError(f"{ewhere}.promote_from: expected the name of another environment, got {source!r}")
+    approval = env_raw.get("approval", "none")
+    if approval not in _APPROVALS:
+        raise ConfigError(f"{ewhere}.approval: expected one of {', '.join(_APPROVALS)}, got {approval!r}")
+    auto = env_raw.get("auto", False)
+    if not isinstance(auto, bool):
+        raise ConfigError(f"{ewhere}.auto: expected true or false, got {auto!r}")
+    soak = parse_duration(env_raw.get("soak"), f"{ewhere}.soak")
+    if not source:
+        # Each of these describes a promotion: without a source there is nothing to promote from.
+        given = [k for k, v in (("approval", approval == "required"), ("soak", soak > 0), ("auto", auto)) if v]
+        if given:
+            raise ConfigError(f"{ewhere}: {', '.join(given)} applies to promotions; set promote_from "
+                              "to the environment this one takes its image from")
+    return {"promote_from": source or "", "approval": approval, "soak_seconds": soak, "auto": auto}
+
+
+def _check_promotions(envs: dict[str, Environment], where: str) -> None:
+    """Every `promote_from` names another environment of the app, and no chain comes back on itself."""
+    for env in envs.values():
+        if not env.promote_from:
+            continue
+        if env.promote_from == env.name:
+            raise ConfigError(f"{where}.environments.{env.name}.promote_from: an environment cannot promote "
+                              "from itself")
+        if env.promote_from not in envs:
+            known = ", ".join(sorted(envs))
+            raise ConfigError(f"{where}.environments.{env.name}.promote_from: no environment "
+                              f"{env.promote_from!r} (known: {known})")
+        seen, cur = [env.name], env.promote_from
+        while cur:
+            if cur in seen:
+                chain = " <- ".join([*seen, cur])
+                raise ConfigError(f"{where}.environments.{env.name}.promote_from: the promotions go round in a "
+                                  f"circle ({chain})")
+            seen.append(cur)
+            cur = envs[cur].promote_from
+
+
 def _check_name(name: Any, where: str) -> str:
     text = str(name)
     if not _NAME_RE.fullmatch(text):
@@ -200,9 +288,11 @@ def parse_config(data: Any, path: Path) -> Config:
                 argocd_namespace=str(env_raw.get("argocd_namespace", "argocd")),
                 branches=_str_list(env_raw.get("branches"), f"{ewhere}.branches"),
                 tags=_str_list(env_raw.get("tags"), f"{ewhere}.tags"),
+                **_promotion(env_raw, ewhere),
             )
         if not envs:
             raise ConfigError(f"{where}: no environments")
+        _check_promotions(envs, where)
         apps[str(app_name)] = App(
             name=str(app_name),
             source_repo=str(raw["source_repo"]),

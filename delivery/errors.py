@@ -85,6 +85,12 @@ class RollbackError(DeliveryError):
     """The rollback could not be carried out or verified."""
 
 
+class PromotionRefused(DeliveryError):
+    """A promotion was refused before anything was written: the tag was not verified in the source
+    environment, its image's digest changed since, it has not soaked long enough, or the config does
+    not promote that way."""
+
+
 class RecoveryError(DeliveryError):
     """A crashed run cannot be recovered: it is not a deploy run, it is still running, or its
     parameters are unusable."""

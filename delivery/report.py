@@ -24,7 +24,7 @@ class Stage:
 
 @dataclass
 class Report:
-    kind: str  # deploy | rollback
+    kind: str  # deploy | rollback | promote
     app: str
     environment: str
     tag: str = ""
@@ -40,7 +40,8 @@ class Report:
     stages: list[Stage] = field(default_factory=list)
     argocd: str = ""
     health_answer: str = ""
-    result: str = "running"  # completed | failed | superseded | rolled-back
+    # completed | failed | superseded | rolled-back; a promotion also: refused | rejected | waiting-for-approval
+    result: str = "running"
     reason: str = ""
     rolled_back_to: str = ""
     serving: str = ""
@@ -49,6 +50,16 @@ class Report:
     git_names: str = ""
     cluster_runs: str = ""
     argocd_final: str = ""
+    # A promotion: the environment whose verified image this is, when it was verified there and the
+    # report of that verification; who approved or rejected it (when approval is required) and why.
+    promoted_from: str = ""
+    source_verified_at: str = ""
+    source_report_url: str = ""
+    approval: str = ""
+    approved_by: str = ""
+    approval_comment: str = ""
+    # The promotions this run's verified release started by itself (`auto: true`), with their links.
+    promotions: list[str] = field(default_factory=list)
     # What went wrong on the side (GitHub feedback not sent, say) without failing the run.
     notes: list[str] = field(default_factory=list)
 
@@ -98,6 +109,12 @@ class Report:
         self.finished_at = time.time()
         self._tell("finish", result, "", reason)
 
+    def _promoted_from(self) -> str:
+        if not self.promoted_from:
+            return ""
+        text = f"{self.promoted_from}, verified there at {self.source_verified_at or '?'}"
+        return f"{text} ([report]({self.source_report_url}))" if self.source_report_url else text
+
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "failed_stage": self.failed_stage}
 
@@ -107,9 +124,13 @@ class Report:
         if self.reason:
             lines += [f"> {self.reason}", ""]
         rows = [
-            ("Source", f"`{self.source_ref}` @ `{self.source_sha}`" if self.source_sha else ""),
+            ("Source", "" if not self.source_sha else
+             f"`{self.source_ref}` @ `{self.source_sha}`" if self.source_ref else f"`{self.source_sha}`"),
             ("Image tag", f"`{self.tag}`"),
             ("Image digest", f"`{self.digest}`" if self.digest else ""),
+            ("Promoted from", self._promoted_from()),
+            ("Approval", self.approval.replace("|", "\\|").replace("\n", " ")),
+            ("Promotions started", "; ".join(self.promotions)),
             ("Values commit", f"`{self.values_commit}`" if self.values_commit else ""),
             ("Previous tag", f"`{self.previous_tag}`" if self.previous_tag else ""),
             ("Argo CD", self.argocd),

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     # Ceiling of the dispatcher's backoff while Prefect is unreachable (it retries for as long as needed).
     webhook_dispatch_backoff_max_seconds: float = Field(default=30, gt=0)
 
+    # Messages on a failed deploy, rollback, recovery or promotion, and on a rejected or timed-out
+    # approval (Prefect automations, made by deployments/automations.py when serve starts): a
+    # Slack-compatible incoming webhook URL (a credential: kept in a Prefect block's secrets), or the
+    # name of a Prefect notification block, `<block type slug>/<name>`.
+    notify_webhook_url: SecretStr | None = None
+    notify_block: str | None = None
+
     # GitHub deploy feedback (commit statuses and Deployments on the source repository). No token means
     # no feedback. The token, from the setting or else the named Prefect `Secret` block, travels only
     # in the `Authorization` header. GitHub Enterprise: `github_api_url` is `https://HOST/api/v3`.
@@ -68,6 +75,10 @@ class Settings(BaseSettings):
     # killed run keeps the environment locked before Prefect's repossessor frees it (the server
     # refuses leases under 60 s).
     lock_lease_seconds: float = Field(default=60, ge=60)
+
+    # How long a promotion that needs an approval waits for one (suspended, holding no lock and no
+    # process) before it ends Cancelled. A promote run's `approval_timeout` parameter overrides it.
+    approval_timeout_seconds: float = Field(default=86_400, gt=0)
 
     # Bounds of every external call. A git command (clone, fetch, push, a local one) is killed after
     # `git_timeout_seconds`; transient git failures are retried up to `git_retry_attempts` times

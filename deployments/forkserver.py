@@ -42,6 +42,7 @@ PRELOAD = [
     "flows.rollback",
     "flows.drift",
     "flows.recover",
+    "flows.promote",
 ]
 
 

@@ -1,12 +1,14 @@
-"""The local default way to run the flows: one process serving the three deployments with Prefect's
-`Runner` (what `prefect.serve` uses; no work pool), the drift check on its schedule.
+"""The local default way to run the flows: one process serving the five deployments with Prefect's
+`Runner` (what `prefect.serve` uses; no work pool), the drift check on its schedule. Once they are
+registered it creates or updates the automations that go with them (deployments/automations.py:
+a run whose heartbeats stop is marked Crashed, and a crashed deploy is recovered).
 
 Unlike `prefect.serve`, the flows are handed to the runner as flow objects (`Runner.add_flow`), so it
 runs each flow run by forking rather than by starting `python -m prefect.engine`, which imports
 everything again; with `forkserver.install()` the fork comes from a warm, single-threaded server
 (see deployments/forkserver.py and deployments/README.md for the measurements).
 
-`prefect.yaml` declares the same three deployments for a `process` work pool; a test compares it
+`prefect.yaml` declares the same five deployments for a `process` work pool; a test compares it
 with `deployment_specs()` (names, entrypoints, descriptions, tags, schedules, limits) so the two
 cannot drift apart."""
 
@@ -26,8 +28,11 @@ from prefect.runner import Runner
 from prefect.schedules import Cron
 
 from deployments import forkserver
+from deployments.automations import HEARTBEAT_SECONDS, ensure_automations
 from flows.deploy import deploy
 from flows.drift import drift_check
+from flows.promote import promote
+from flows.recover import recover
 from flows.rollback import rollback
 
 DRIFT_CRON = os.environ.get("DELIVERY_DRIFT_CRON", "*/15 * * * *")
@@ -42,6 +47,9 @@ DEPLOY_CONCURRENCY = 25
 # seconds. So: announced runs are read by id, never by a poll.
 POLL_SECONDS = float(os.environ.get("DELIVERY_SERVE_POLL_SECONDS", "30"))
 SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
+# A suspended run (a promotion waiting for its approval) that is resumed is scheduled again as
+# `Resuming`: announced under that name, it starts at once instead of at the next backstop poll.
+RESUMING_EVENT = "prefect.flow-run.Resuming"
 
 
 def _specs() -> list[tuple[Any, dict[str, Any]]]:
@@ -65,6 +73,16 @@ def _specs() -> list[tuple[Any, dict[str, Any]]]:
             schedule=Cron(DRIFT_CRON, timezone="UTC"),
             tags=["delivery"],
         )),
+        (recover, dict(
+            name="recover",
+            description="Finish a deploy whose process died: the same deploy again (idempotent), or its rollback.",
+            tags=["delivery"],
+        )),
+        (promote, dict(
+            name="promote",
+            description="Deploy the image verified in one environment to the next: same digest, no rebuild.",
+            tags=["delivery"],
+        )),
     ]
 
 
@@ -80,6 +98,7 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
 
     log = logging.getLogger("delivery.serve")
     announced: set[str] = set()
+    stale: dict[str, int] = {}
     poll_needed = False
     wake = asyncio.Event()
     ours = {f"prefect.deployment.{d}" for d in deployment_ids}
@@ -87,7 +106,7 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
     async def listen() -> None:
         nonlocal poll_needed
         delay = 0.5
-        scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED_EVENT]))
+        scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED_EVENT, RESUMING_EVENT]))
         while True:
             try:
                 async with get_events_subscriber(filter=scheduled) as sub:
@@ -125,6 +144,13 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
                     continue
                 runs = []
                 for r in await asyncio.gather(*(runner._client.read_flow_run(UUID(i)) for i in ids)):  # noqa: SLF001
+                    if r.state is not None and r.state.is_paused() and stale.get(str(r.id), 0) < 20:
+                        # Announced as `Resuming` yet read back still suspended (the announcement can
+                        # overtake the write, measured on SQLite): read it again shortly.
+                        stale[str(r.id)] = stale.get(str(r.id), 0) + 1
+                        asyncio.get_running_loop().call_later(0.5, _announce, str(r.id))
+                        continue
+                    stale.pop(str(r.id), None)
                     if r.state is None or not r.state.is_scheduled():
                         continue
                     due = r.state.state_details.scheduled_time
@@ -138,8 +164,14 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
                     # The same step the runner's poll ends in: claims a slot, proposes Pending, starts the
                     # process; a run the poll already took is skipped there.
                     poller = runner._scheduled_run_poller  # noqa: SLF001
+                    # A run resumed right after it suspended is announced while the process of its first
+                    # execution is still exiting, and the runner skips a run it still tracks: look again
+                    # in a second rather than at the next backstop poll.
+                    tracked = [str(r.id) for r in runs if r.id in poller._submitting_flow_run_ids]  # noqa: SLF001
                     await poller._submit_scheduled_flow_runs(  # noqa: SLF001
                         flow_run_response=runs, task_group=runner._runs_task_group)  # noqa: SLF001
+                    for run_id in tracked:
+                        asyncio.get_running_loop().call_later(1.0, _announce, run_id)
             except Exception as e:  # noqa: BLE001 - the backstop poll retries what was not submitted
                 log.warning("serve: submitting announced runs %s: %s: %s", ids, type(e).__name__, e)
 
@@ -161,10 +193,15 @@ def main() -> None:
     # DELIVERY_SERVE_FORKSERVER=0 keeps multiprocessing's spawn, for comparison.
     if os.environ.get("DELIVERY_SERVE_FORKSERVER", "1") != "0":
         forkserver.install()
+    # Every run sends a heartbeat every HEARTBEAT_SECONDS; the automation below marks a run whose
+    # heartbeats stop Crashed (see deployments/automations.py for the choice of interval and window).
     runner = Runner(name="delivery", limit=int(os.environ.get("DELIVERY_SERVE_LIMIT", "25")),
-                    query_seconds=POLL_SECONDS)
-    deployment_ids = {str(runner.add_flow(flow, **options)) for flow, options in _specs()}
+                    query_seconds=POLL_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS)
+    registered = {options["name"]: runner.add_flow(flow, **options) for flow, options in _specs()}
+    deployment_ids = {str(i) for i in registered.values()}
+    made = ensure_automations(registered)
     names = ", ".join(f"{flow.name}/{options['name']}" for flow, options in _specs())
+    print(f"automations: {', '.join(made)}", flush=True)
     print(f"serving {names}: runs start when the server announces them (backstop poll every {POLL_SECONDS:g} s)",
           flush=True)
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ from prefect.concurrency.sync import concurrency
 from prefect.states import Cancelled, Failed
 
 from delivery.config import App, Environment, load_config
-from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout
+from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout, PromotionRefused
 from delivery.log import get_logger
+from delivery.promotion import start_auto_promotions
 from delivery.report import Report
 from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
 from delivery.settings import get_settings
@@ -44,12 +47,39 @@ def _run_name() -> str:
     return f"deploy-{p['app']}-{p['environment']}-{tag}"
 
 
+@dataclass(frozen=True)
+class Prebuilt:
+    """An image already built, pushed and verified in another environment (a promotion): the deploy
+    path takes it as it is. Build and push are skipped; instead the registry must still serve
+    `digest` for the tag, and `superseded(gitops_repo)` (the promotion's newest-wins) may stop the run
+    before Git is written. The trailers name the source environment and the approval."""
+
+    digest: str
+    promoted_from: str
+    approved_by: str = ""
+    approval_comment: str = ""
+    superseded: Callable[[Any], str | None] | None = None
+
+
+def _check_prebuilt(a: App, tag: str, prebuilt: Prebuilt, creds: Any) -> str:
+    now = images.manifest_digest(a.image, tag, credentials=creds) or ""
+    if not now:
+        raise PromotionRefused(f"image {a.image}:{tag} is no longer in the registry; nothing was changed")
+    if now != prebuilt.digest:
+        raise PromotionRefused(f"image {a.image}:{tag} changed since it was verified in {prebuilt.promoted_from}: "
+                               f"the registry serves {now}, verified was {prebuilt.digest}; nothing was changed")
+    return now
+
+
 def _superseded_by(src_repo: Any, app: App, env: Environment, source_ref: str, source_sha: str,
                    deployed_source: str | None, *, fetch: bool = False) -> str | None:
     """A newer commit of the same ref that is queued, running or already deployed, if any.
 
     With `fetch`, commits our clone lacks are fetched first: the clone was made before the lock
-    wait, and a commit pushed (and deployed) since is unknown to it, so it could not be judged newer."""
+    wait, and a commit pushed (and deployed) since is unknown to it, so it could not be judged newer.
+    A promotion has no source clone: its newest-wins is its own (`Prebuilt.superseded`)."""
+    if src_repo is None:
+        return None
     candidates = [r.source_sha for r in active_deploy_runs(app.name, env.name, runtime.flow_run.id)
                   if r.source_ref == source_ref and r.source_sha and r.source_sha != source_sha]
     if deployed_source and deployed_source != source_sha:
@@ -136,9 +166,9 @@ def deploy(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], src_dir: Path, src_repo: Any,
+def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], src_dir: Path | None, src_repo: Any,
                    values_path: str, sync_timeout: float, rollout_timeout: float,
-                   health_timeout: float) -> dict[str, Any] | Any:
+                   health_timeout: float, *, prebuilt: Prebuilt | None = None) -> dict[str, Any] | Any:
     log = get_logger()
     tag = tags[0]
     gitops_dir = work_dir(a.name, f"gitops-{env.name}")
@@ -148,13 +178,24 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
     newer = _superseded_by(src_repo, a, env, report.source_ref, report.source_sha, deployed_source, fetch=True)
     if newer:
         raise DeploySuperseded(f"superseded by {newer[:12]} of {report.source_ref}, deployed or queued")
+    if prebuilt is not None and prebuilt.superseded is not None and (why := prebuilt.superseded(repo)):
+        raise DeploySuperseded(why)
     values_file = gitops_dir / values_path
     report.previous_tag = values.read_image_tag(values_file)
 
     creds = images.registry_credentials(get_settings())
+    if prebuilt is not None:
+        # A promotion deploys the very image verified in its source environment, never a rebuild.
+        with report.stage("digest-check"):
+            report.digest = _check_prebuilt(a, tag, prebuilt, creds)
+            report.stages[-1].detail = f"{report.digest} as verified in {prebuilt.promoted_from}"
     # A re-run after a crash finds the image already pushed: same tag, same source commit.
     with report.stage("build"):
-        if images.image_exists(a.image, tag, credentials=creds):
+        if prebuilt is not None:
+            report.stages[-1].outcome = "skipped"
+            report.stages[-1].detail = f"promoted from {prebuilt.promoted_from}: not rebuilt"
+            built = None
+        elif images.image_exists(a.image, tag, credentials=creds):
             report.stages[-1].outcome = "skipped"
             report.stages[-1].detail = "image already in the registry"
             built = None
@@ -164,7 +205,10 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
                 build_args={**a.build_args, "APP_VERSION": tag}, revision=report.source_sha, source=a.source_repo,
             )
     with report.stage("push"):
-        if built is None:
+        if prebuilt is not None:
+            report.stages[-1].outcome = "skipped"
+            report.stages[-1].detail = "already in the registry, digest checked"
+        elif built is None:
             report.digest = images.manifest_digest(a.image, tag, credentials=creds) or ""
             report.stages[-1].outcome = "skipped"
         else:
@@ -182,6 +226,8 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
         message = trailers.commit_message(
             "bump", tag, app=a.name, environment=env.name, source_sha=report.source_sha, digest=report.digest,
             replaces=bump.old_tag, flow_run_id=report.flow_run_id, flow_run_url=runtime.flow_run.ui_url,
+            **({"promoted_from": prebuilt.promoted_from, "approved_by": prebuilt.approved_by or None,
+                "approval_comment": prebuilt.approval_comment} if prebuilt is not None else {}),
         )
         commit = gitops.commit_and_push_task(repo, [values_path], message, author=commit_author(),
                                              branch=a.gitops_branch)
@@ -198,7 +244,11 @@ def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], sr
                                 rollout_timeout=rollout_timeout, health_timeout=health_timeout)
 
     with report.stage("record-verified"):
-        records.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=tag)
+        records.record_verified_task(repo, commit.sha, app=a.name, environment=env.name, tag=tag,
+                                     digest=report.digest)
+    # Environments that take their image from this one (`promote_from`, `auto: true`) start their
+    # promotion now; that never fails this run (what could not be started is a note in the report).
+    start_auto_promotions(report, a, env, tag, values_commit=commit.sha)
     report.serving = tag
     report.finish("completed")
     read_back(report, a, env, repo)

@@ -3,6 +3,9 @@
 1. start everything (`delivery up`);
 2. push a commit to the sample app's deploying branch and deliver a signed GitHub push webhook:
    the deploy flow builds, pushes, bumps, waits for Argo CD and verifies the new version;
+   dev's verified release is promoted to staging by itself (the same image digest, not rebuilt),
+   and a promotion of it to prod waits for an approval in the Prefect UI (the URL of the form is
+   printed; the run waits there, holding no lock, until someone answers it or 24 h pass);
 3. push a commit that breaks the health check: the deploy fails and rolls back automatically,
    the previous version answers again;
 4. change the live Deployment behind Argo CD's back: a drift-check run finds it, a healing run
@@ -200,7 +203,25 @@ def _story(st: stack.StackState) -> int:
     if run.state_name != "Completed":
         problems.append(f"the good deploy ended {run.state_name}")
 
-    say("1b) the second app, nutrition-api, shares the GitOps repository and the environment names: "
+    say("1a) promotion: dev verified it, so staging takes the same image by itself (auto), not rebuilt")
+    promoted = _auto_promotion(app.name, run, "staging")
+    staging = app.environment("staging")
+    say(f"promotion ended {promoted.state_name if promoted else 'not started'}; {staging.name} answers: "
+        f"{health(staging.health_url)}")
+    if promoted is None or promoted.state_name != "Completed" or _version(staging.health_url) != _version(
+            env.health_url):
+        problems.append("dev's verified release did not reach staging by promotion")
+    say("1b) promotion to prod needs an approval (approval: required): `delivery promote workout-api staging prod`")
+    waiting = _promote_and_wait_for_approval(app.name, "staging", "prod")
+    if waiting is None:
+        problems.append("the promotion to prod did not wait for an approval")
+    else:
+        from delivery.promotion import run_url
+
+        say(f"  waiting for an approval, holding no lock: open {run_url(str(waiting.id))} and click Resume "
+            "(the form shows the tag, the digest and staging's verification)")
+
+    say("1c) the second app, nutrition-api, shares the GitOps repository and the environment names: "
         "a good change to it, verified")
     other = cfg.app("nutrition-api")
     other_env = other.environment(env.name)
@@ -213,6 +234,9 @@ def _story(st: stack.StackState) -> int:
     say(f"deploy ended {run.state_name}; {other.name}/{other_env.name} answers: {health(other_env.health_url)}")
     if run.state_name != "Completed":
         problems.append(f"the {other.name} deploy ended {run.state_name}")
+    other_promoted = _auto_promotion(other.name, run, "staging")
+    if other_promoted is None or other_promoted.state_name != "Completed":
+        problems.append(f"{other.name}'s verified release did not reach staging by promotion")
 
     say("2) a change that breaks the health check: deploy fails, rolls back automatically")
     bad_text = good_text.replace("HEALTHY=true", "HEALTHY=false")
@@ -258,6 +282,58 @@ def _story(st: stack.StackState) -> int:
         say("the demo did not go as described: " + "; ".join(problems))
         return 1
     return 0
+
+
+def _auto_promotion(app: str, deploy_run: Any, target: str, timeout: float = 300) -> Any:
+    """The promotion the verified deploy `deploy_run` started by itself, once it ended (None: none came)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from tasks.images import image_tags
+
+    p = deploy_run.parameters or {}
+    tag = image_tags(p.get("source_ref", ""), p.get("source_sha", ""), "main")[0]
+
+    async def find() -> Any:
+        async with get_client() as c:
+            runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])))
+        return next((r for r in runs if (r.parameters or {}).get("app") == app
+                     and (r.parameters or {}).get("tag") == tag
+                     and (r.parameters or {}).get("to_environment") == target), None)
+
+    deadline = time.monotonic() + 30
+    found = run_coro_as_sync(find())
+    while found is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = run_coro_as_sync(find())
+    return wait_run(str(found.id), timeout) if found is not None else None
+
+
+def _promote_and_wait_for_approval(app: str, source: str, target: str, timeout: float = 120) -> Any:
+    """Start a promotion as `delivery promote` does; the run once it waits for its approval (or None)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    run = run_deployment("promote/promote", parameters={"app": app, "from_environment": source,
+                                                        "to_environment": target, "reason": "the demo"},
+                         timeout=0, as_subflow=False)
+
+    async def read() -> Any:
+        async with get_client() as c:
+            return await c.read_flow_run(run.id)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = run_coro_as_sync(read())
+        if current.state is not None and current.state.is_paused():
+            return current
+        if current.state is not None and current.state.is_final():
+            say(f"  the promotion ended {current.state_name}: {current.state.message}")
+            return None
+        time.sleep(0.5)
+    return None
 
 
 def _version(url: str) -> str:

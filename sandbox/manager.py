@@ -94,6 +94,13 @@ class AppSpec:
         return f"{self.name}-{env.name}"
 
 
+# Promotions in the sandbox, the same for every app: dev's verified image goes on to staging by itself,
+# and on to prod only with an approval in the Prefect UI (`delivery promote APP staging prod`).
+PROMOTIONS: dict[str, dict[str, Any]] = {
+    "staging": {"promote_from": "dev", "auto": True},
+    "prod": {"promote_from": "staging", "approval": "required"},
+}
+
 SECOND_APP = "nutrition-api"
 APPS = (
     AppSpec(APP, CHART_PATH, "argocd", ENVIRONMENTS, "the workout API"),
@@ -546,7 +553,9 @@ class Sandbox:
         exe = Path(sys.executable).with_name("prefect")
         argv = [str(exe) if exe.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
                 "--port", str(PREFECT_PORT)]
-        new = _spawn("prefect", argv, self.logs / "prefect.log", env=prefect_server_env(home))
+        # The UI asks the server where its API is; without this it answers port 4200 whatever `--port` says.
+        env = {**prefect_server_env(home), "PREFECT_UI_API_URL": f"http://127.0.0.1:{PREFECT_PORT}/api"}
+        new = _spawn("prefect", argv, self.logs / "prefect.log", env=env)
         new["address"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
         parts["prefect"] = new
         return new
@@ -682,6 +691,7 @@ class Sandbox:
                 entry.update(values_file=f"values-{e.name}.yaml", application=a.application(e),
                              argocd_namespace="argocd", namespace=e.namespace, deployment=a.name,
                              health_url=health)
+                entry.update(PROMOTIONS.get(e.name, {}))
                 envs[e.name] = entry
             apps[a.name] = {
                 "source_repo": str(self.source_remote_of(a.name)),

@@ -157,7 +157,7 @@ def up(*, webhook_port: int = WEBHOOK_PORT, real: bool = False) -> StackState:
     return state
 
 
-SERVED_DEPLOYMENTS = ("deploy/deploy", "rollback/rollback", "drift-check/drift-check")
+SERVED_DEPLOYMENTS = ("deploy/deploy", "rollback/rollback", "drift-check/drift-check", "promote/promote")
 
 
 def _deployment_exists(api_url: str, name: str) -> bool:

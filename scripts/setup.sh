@@ -11,6 +11,8 @@ command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
 [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
+# The browser test (tests/browser) approves a promotion in the Prefect UI in Debian's Chromium.
+[ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing Debian packages ${need_pkgs[*]} and not root; install them and re-run" >&2
@@ -44,6 +46,17 @@ if ! grep -q "\"version\": \"$OCTOKIT_OPENAPI_VERSION\"" "$openapi_pkg" 2>/dev/n
   mkdir -p .tools/npm
   npm install --prefix .tools/npm --no-audit --no-fund --save-exact --loglevel=error \
     "@octokit/openapi@$OCTOKIT_OPENAPI_VERSION" >/dev/null
+fi
+
+# Playwright's driver for the browser test, without its browser downloads (this machine has no
+# internet; Debian's Chromium above is used). Pinned; kept out of Git under .tools/.
+PLAYWRIGHT_CORE_VERSION=1.65.2
+playwright_pkg=.tools/npm/node_modules/playwright-core/package.json
+if ! grep -q "\"version\": \"$PLAYWRIGHT_CORE_VERSION\"" "$playwright_pkg" 2>/dev/null; then
+  echo "setup: npm install playwright-core@$PLAYWRIGHT_CORE_VERSION into .tools/npm"
+  mkdir -p .tools/npm
+  npm install --prefix .tools/npm --no-audit --no-fund --save-exact --loglevel=error \
+    "playwright-core@$PLAYWRIGHT_CORE_VERSION" >/dev/null
 fi
 
 .venv/bin/python scripts/install-helm.py

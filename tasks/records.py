@@ -3,7 +3,9 @@ source commit Git deploys. Kept in the GitOps repository itself, so the record s
 server and is what a rollback reads:
 
 - git notes on the values commit (`refs/notes/delivery`), one line per verification:
-  `verified app=<app> env=<env> tag=<tag> at=<UTC time>`;
+  `verified app=<app> env=<env> tag=<tag> at=<UTC time> digest=<image digest>` (`digest=` since
+  promotions: the digest the verified release was pushed with, which a promotion must find unchanged;
+  older lines lack it, and `verified_digest` then reads the values commit's own message);
 - the trailers of the pipeline's own commits (`tasks.trailers`).
 
 Every record is keyed by app and environment, and so is every read: several apps share one GitOps
@@ -12,7 +14,9 @@ repository and the same environment names. A line without `app=` counts for no a
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,8 +73,9 @@ def _check_word(value: str, what: str) -> None:
         raise GitError(f"{what} {value!r} must be one word to be recorded", transient=False)
 
 
-def _note_line(app: str, environment: str, tag: str, stamp: str) -> str:
-    return f"verified app={app} env={environment} tag={tag} at={stamp}"
+def _note_line(app: str, environment: str, tag: str, stamp: str, digest: str = "") -> str:
+    line = f"verified app={app} env={environment} tag={tag} at={stamp}"
+    return f"{line} digest={digest}" if digest else line
 
 
 def _parse_note_line(line: str) -> dict[str, str] | None:
@@ -86,18 +91,21 @@ def _parse_note_line(line: str) -> dict[str, str] | None:
 
 
 def record_verified(repo: git.Repo, commit_sha: str, *, app: str, environment: str, tag: str,
-                    max_attempts: int | None = None) -> None:
-    """Record on `commit_sha` (git note in refs/notes/delivery) that `app`'s `tag` was verified in `environment`."""
+                    max_attempts: int | None = None, digest: str = "") -> None:
+    """Record on `commit_sha` (git note in refs/notes/delivery) that `app`'s `tag` was verified in
+    `environment`, with the image `digest` that was verified when it is known."""
     workdir = _workdir(repo)
     log = get_logger()
     _check_word(app, "app")
     _check_word(environment, "environment")
     _check_word(tag, "tag")
+    if digest:
+        _check_word(digest, "digest")
     if not _SHA_RE.fullmatch(commit_sha or "") or not _has_commit(workdir, commit_sha):
         raise GitError(f"commit {commit_sha} not found in {workdir}; cannot record verification", transient=False)
     env = _identity_env()
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    line = _note_line(app, environment, tag, stamp)
+    line = _note_line(app, environment, tag, stamp, digest)
 
     _sync_notes(workdir, env)
     existing = _run(workdir, "notes", f"--ref={NOTES_REF}", "show", commit_sha, check=False)
@@ -200,7 +208,124 @@ def deployed_source_commit(repo: git.Repo, *, app: str, environment: str, branch
     return None
 
 
+@dataclass(frozen=True)
+class PipelineCommit:
+    """One of the pipeline's own values commits for an app and environment, read from its trailers."""
+
+    sha: str
+    kind: str  # values-bump | rollback
+    tag: str
+    source_sha: str
+    flow_run: str
+
+
+def pipeline_commits(repo: git.Repo, *, app: str, environment: str, branch: str | None = None,
+                     fetch: bool = False) -> list[PipelineCommit]:
+    """The pipeline's values commits (bumps and rollbacks) for `app` in `environment`, newest first,
+    over the whole branch; filtered by trailers as `deployed_source_commit` is."""
+    workdir = _workdir(repo)
+    rev = _history_rev(workdir, branch, fetch=fetch)
+    out = _run(workdir, "log", "--fixed-strings", "--all-match", f"--grep={PIPELINE_TRAILER}: ",
+               f"--grep=Delivery-App: {app}", f"--grep=Delivery-Environment: {environment}",
+               "--format=%H%x1f%B%x1e", rev).out
+    found = []
+    for record in out.split("\x1e"):
+        sha, _, body = record.strip().partition("\x1f")
+        t = trailer_map(body)
+        if PIPELINE_TRAILER.lower() not in t or t.get("delivery-app") != app or \
+                t.get("delivery-environment") != environment:
+            continue
+        found.append(PipelineCommit(sha=sha, kind=t[PIPELINE_TRAILER.lower()], tag=t.get("delivery-tag", ""),
+                                    source_sha=t.get("delivery-source-commit", ""),
+                                    flow_run=t.get("delivery-flow-run", "")))
+    return found
+
+
+@dataclass(frozen=True)
+class Verification:
+    """One verification of an app's tag in an environment, as its note records it."""
+
+    commit: str  # the values commit the note is on
+    tag: str
+    at: str  # UTC, `%Y-%m-%dT%H:%M:%SZ`
+    digest: str  # empty on lines written before digests were recorded
+
+    @property
+    def at_datetime(self) -> datetime | None:
+        try:
+            return datetime.strptime(self.at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return None
+
+
+def verifications(repo: git.Repo, app: str, environment: str, *, branch: str | None = None) -> list[Verification]:
+    """Every verification of `app` in `environment`, newest first by time (what `verified_tags`
+    reads, with each line's digest)."""
+    workdir = _workdir(repo)
+    _sync_notes(workdir, _identity_env())
+    rev = _history_rev(workdir, branch, fetch=True)
+    if not _run(workdir, "rev-parse", "--verify", "--quiet", NOTES_REF, check=False).ok:
+        return []
+    out = _run(workdir, "log", f"--notes={NOTES_REF}", "--format=%H%x1f%N%x1e", rev).out
+    found: list[Verification] = []
+    for record in out.split("\x1e"):
+        sha, _, note = record.strip().partition("\x1f")
+        for ln in note.splitlines():
+            f = _parse_note_line(ln)
+            if f and f["app"] == app and f["env"] == environment:
+                found.append(Verification(sha, f["tag"], f.get("at", ""), f.get("digest", "")))
+    return sorted(found, key=lambda v: v.at, reverse=True)
+
+
+_BODY_DIGEST_RE = re.compile(r"^Image digest: (sha256:[0-9a-f]{64})$", re.MULTILINE)
+
+
+def verified_digest(repo: git.Repo, v: Verification, *, app: str, environment: str) -> str:
+    """The image digest recorded when `v` was verified: the note's `digest=`, else (a line written
+    before digests were noted) the digest the verified values commit itself names, but only when that
+    commit is the pipeline's bump of this very app, environment and tag (a note can sit on another
+    commit: the remote head, when the tag was already in Git). Empty when neither records one."""
+    if v.digest:
+        return v.digest
+    res = _run(_workdir(repo), "log", "-1", "--format=%B", v.commit, check=False)
+    if not res.ok:
+        return ""
+    t = trailer_map(res.out)
+    if t.get("delivery-app") != app or t.get("delivery-environment") != environment or t.get("delivery-tag") != v.tag:
+        return ""
+    if t.get("delivery-image-digest"):
+        return t["delivery-image-digest"]
+    m = _BODY_DIGEST_RE.search(res.out)
+    return m.group(1) if m else ""
+
+
+def rollbacks_since(repo: git.Repo, *, app: str, environment: str, since: datetime,
+                    branch: str | None = None) -> list[tuple[str, datetime]]:
+    """(sha, commit time) of the pipeline's rollback commits for `app` in `environment` made after
+    `since`, newest first: each one means a release there failed its verification (or was rolled back
+    by hand). Filtered by trailers as `deployed_source_commit` is."""
+    workdir = _workdir(repo)
+    rev = _history_rev(workdir, branch, fetch=False)
+    out = _run(workdir, "log", "--fixed-strings", "--all-match", f"--grep={PIPELINE_TRAILER}: rollback",
+               f"--grep=Delivery-App: {app}", f"--grep=Delivery-Environment: {environment}",
+               f"--since={int(since.timestamp())}", "--format=%H%x1f%ct%x1f%B%x1e", rev).out
+    found = []
+    for record in out.split("\x1e"):
+        parts = record.strip().split("\x1f", 2)
+        if len(parts) != 3:
+            continue
+        sha, stamp, body = parts
+        t = trailer_map(body)
+        if t.get(PIPELINE_TRAILER.lower()) == "rollback" and t.get("delivery-app") == app and \
+                t.get("delivery-environment") == environment:
+            when = datetime.fromtimestamp(int(stamp), UTC)
+            if when > since:
+                found.append((sha, when))
+    return found
+
+
 @task(name="record-verified", cache_policy=NO_CACHE)
-def record_verified_task(repo: git.Repo, commit_sha: str, app: str, environment: str, tag: str) -> None:
+def record_verified_task(repo: git.Repo, commit_sha: str, app: str, environment: str, tag: str,
+                         digest: str = "") -> None:
     """No task retries: `record_verified` bounds its own push retries."""
-    record_verified(repo, commit_sha, app=app, environment=environment, tag=tag)
+    record_verified(repo, commit_sha, app=app, environment=environment, tag=tag, digest=digest)

@@ -30,14 +30,24 @@ def commit_message(
     reason: str = "",
     flow_run_id: str | None = None,
     flow_run_url: str | None = None,
+    promoted_from: str | None = None,
+    approved_by: str | None = None,
+    approval_comment: str = "",
 ) -> str:
-    """The message of a values commit: subject, a body a reviewer can read, and machine-readable trailers."""
+    """The message of a values commit: subject, a body a reviewer can read, and machine-readable trailers.
+
+    A promotion (`promoted_from`: the environment whose verified image this is) is a bump like any
+    other (`Delivery-Pipeline: values-bump`), with trailers naming its source environment and, when
+    someone approved it, who and with what comment."""
     if kind not in _PIPELINE_KINDS:
         raise ValueError(f"unknown commit kind {kind!r}")
     tag, app, environment = _one_line(tag), _one_line(app), _one_line(environment)
     verb = "update" if kind == "bump" else "roll back"
     subject = f"chore(helm): {verb} image tag to {tag}"
-    if kind == "bump":
+    if kind == "bump" and promoted_from:
+        body = [f"Promote {app} from {_one_line(promoted_from)} to {environment}: image tag {tag}, "
+                "the image verified there, not rebuilt."]
+    elif kind == "bump":
         body = [f"Deploy {app} to {environment} with image tag {tag}."]
     else:
         body = [f"Roll {app} in {environment} back to image tag {tag}."]
@@ -50,6 +60,10 @@ def commit_message(
     if reason.strip():
         # Blank lines in the reason would end the body early and confuse trailer parsing.
         body.append("Reason: " + " ".join(ln.strip() for ln in reason.strip().splitlines() if ln.strip()))
+    if approved_by:
+        body.append(f"Approved by: {_one_line(approved_by)}")
+    if approval_comment.strip():
+        body.append(f"Approval comment: {_one_line(approval_comment)}")
     if flow_run_id:
         body.append(f"Prefect flow run: {_one_line(flow_run_id)}")
     if flow_run_url:
@@ -62,6 +76,14 @@ def commit_message(
     ]
     if source_sha:
         trailers.append(f"Delivery-Source-Commit: {_one_line(source_sha)}")
+    if digest:
+        trailers.append(f"Delivery-Image-Digest: {_one_line(digest)}")
+    if promoted_from:
+        trailers.append(f"Delivery-Promoted-From: {_one_line(promoted_from)}")
+    if approved_by:
+        trailers.append(f"Delivery-Approved-By: {_one_line(approved_by)}")
+    if approval_comment.strip():
+        trailers.append(f"Delivery-Approval-Comment: {_one_line(approval_comment)}")
     if flow_run_id:
         trailers.append(f"Delivery-Flow-Run: {_one_line(flow_run_id)}")
     return "\n".join([subject, "", *body, "", *trailers]) + "\n"

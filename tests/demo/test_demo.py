@@ -97,6 +97,9 @@ def _assert_story(res: subprocess.CompletedProcess[str], s: DemoStack) -> None:
                  "Change failure rate: 50%", "Median time to restore (failed deploy → verified rollback):"):
         assert line in out, line
     assert f"Prefect UI: http://127.0.0.1:{s.prefect_port}" in out
+    # dev's verified release promoted to staging by itself; the promotion to prod waits for its approval.
+    assert "promotion ended Completed; staging answers: 200" in out
+    assert f"waiting for an approval, holding no lock: open http://127.0.0.1:{s.prefect_port}/runs/flow-run/" in out
 
 
 @pytest.mark.timeout(1800)

@@ -17,6 +17,7 @@ from prefect.deployments import run_deployment
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from delivery.settings import PROJECT_ROOT
+from deployments.automations import HEARTBEAT_SECONDS
 from tests.deployments.conftest import POOL, worker
 
 CHECK_MESSAGE = "DELIVERY_PROJECT_DIR must name this project checkout on the worker"
@@ -46,21 +47,24 @@ def _artifacts_and_logs(run_id: Any, until: Callable[[list[str]], bool]) -> tupl
     return arts, logs
 
 
-def test_deploy_all_registers_the_three_deployments_with_schedules_and_limits(registered):
-    """deploy, rollback and drift-check exist on the process pool; only drift-check is scheduled (every 15 min)."""
-    names = ("deploy/deploy", "rollback/rollback", "drift-check/drift-check")
-    deploy, rollback, drift = (_deployment(n) for n in names)
+def test_deploy_all_registers_the_five_deployments_with_schedules_and_limits(registered):
+    """deploy, rollback, drift-check, recover and promote exist on the process pool, their runs sending
+    heartbeats; only drift-check is scheduled (every 15 min)."""
+    names = ("deploy/deploy", "rollback/rollback", "drift-check/drift-check", "recover/recover", "promote/promote")
+    deploy, rollback, drift, recover, promote = (_deployment(n) for n in names)
     for d, entrypoint in ((deploy, "flows/deploy.py:deploy"), (rollback, "flows/rollback.py:rollback"),
-                          (drift, "flows/drift.py:drift_check")):
+                          (drift, "flows/drift.py:drift_check"), (recover, "flows/recover.py:recover"),
+                          (promote, "flows/promote.py:promote")):
         assert d.entrypoint == entrypoint
         assert d.work_pool_name == POOL and d.work_queue_name == "default"
         assert "delivery" in d.tags and d.description
+        assert d.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS)
         steps = [next(iter(s)) for s in d.pull_steps]
         assert steps == ["prefect.deployments.steps.run_shell_script",
                          "prefect.deployments.steps.set_working_directory"]
     schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in drift.schedules]
     assert schedules == [("*/15 * * * *", "UTC", True)]
-    assert deploy.schedules == [] and rollback.schedules == []
+    assert deploy.schedules == [] and rollback.schedules == [] and recover.schedules == [] and promote.schedules == []
     limit = deploy.global_concurrency_limit
     assert limit is not None and limit.limit == 25
     assert deploy.concurrency_options.collision_strategy.value == "ENQUEUE"
@@ -81,6 +85,10 @@ def test_parameter_schemas_name_required_parameters_and_describe_them(registered
     drift = _deployment("drift-check/drift-check").parameter_openapi_schema
     assert drift.get("required", []) == [] and drift["properties"]["heal"]["default"] is False
     assert "Git is never written" in drift["properties"]["heal"]["description"]
+    promote = _deployment("promote/promote").parameter_openapi_schema
+    assert promote["required"] == ["app", "from_environment", "to_environment"]
+    assert promote["properties"]["tag"].get("default") is None
+    assert "verified" in promote["properties"]["tag"]["description"]
 
 
 def test_worker_runs_drift_check_from_the_project_dir(registered, sandbox, tmp_path):

@@ -1,4 +1,4 @@
-"""deployments/serve.py and prefect.yaml declare the same three deployments."""
+"""deployments/serve.py and prefect.yaml declare the same five deployments, with the same heartbeats."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from delivery.settings import PROJECT_ROOT
+from deployments.automations import DEPLOYMENTS, HEARTBEAT_SECONDS
 from deployments.serve import deployment_specs
 
 
@@ -20,9 +21,11 @@ def _serve_deployments() -> dict[str, Any]:
 
 
 def test_same_names_entrypoints_descriptions_and_tags():
-    """Both ways of running the flows offer deploy, rollback and drift-check with the same code and labels."""
+    """Both ways of running the flows offer deploy, rollback, drift-check, recover and promote with the same code
+    and labels."""
     yaml, served = _yaml_deployments(), _serve_deployments()
-    assert sorted(yaml) == sorted(served) == ["deploy", "drift-check", "rollback"]
+    assert sorted(yaml) == sorted(served) == ["deploy", "drift-check", "promote", "recover", "rollback"]
+    assert sorted(f"{d.flow_name}/{d.name}" for d in served.values()) == sorted(DEPLOYMENTS.values())
     for name, spec in yaml.items():
         d = served[name]
         assert d.entrypoint == spec["entrypoint"], name
@@ -54,3 +57,9 @@ def test_same_concurrency_limits():
         assert strategy == limit.get("collision_strategy", "ENQUEUE"), name
     assert yaml["deploy"]["concurrency_limit"]["limit"] == 25
 
+
+def test_work_pool_runs_send_heartbeats_as_often_as_served_runs():
+    """Every prefect.yaml deployment sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY to the interval serve.py uses."""
+    for name, spec in _yaml_deployments().items():
+        env = spec["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS), name

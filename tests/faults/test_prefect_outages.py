@@ -1,6 +1,9 @@
 """The Prefect side fails under a running deploy: the server restarts while the deploy waits for
-Argo CD, or the serve process is killed mid-deploy. The deploy must end in a correct, explained state,
-a re-run must not make a second commit, and the environment's lock must not stay held forever.
+Argo CD, or the process running the deploy is killed (the flow-run process alone, or serve with it).
+The deploy must end in a correct, explained state, a re-run must not make a second commit, and the
+environment's lock must not stay held forever. A killed deploy is marked Crashed (by the runner, or
+by the heartbeat automation when serve died too) and finished by the recover automation, with
+nothing done by the test but starting serve again as a supervisor would.
 
 These use a real `prefect server start` of their own (its own PREFECT_HOME and SQLite database, the
 environment the sandbox gives its server) so it can be restarted; the deploys run in processes of
@@ -22,8 +25,16 @@ from typing import Any
 import pytest
 
 from delivery.settings import PROJECT_ROOT
-from sandbox.manager import free_port, prefect_server_env
-from tests.faults.conftest import FaultEnv, SourceClone, app_version, pid_alive, remote_log, wait_for
+from tests.faults.conftest import (
+    FaultEnv,
+    SourceClone,
+    app_version,
+    pid_alive,
+    remote_file,
+    remote_log,
+    wait_for,
+)
+from tests.prefect_server import PrefectServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker, pytest.mark.sandbox]
 
@@ -31,51 +42,6 @@ ENV, BRANCH = "staging", "main"
 WAITS = {"sync_timeout": 120.0, "rollout_timeout": 60.0, "health_timeout": 60.0, "lock_timeout": 180.0}
 # The shortest lease the server accepts, so a killed run's lock is repossessed within the test.
 LEASE_SECONDS = "60"
-
-
-def _http_ok(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-class PrefectServer:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.proc: subprocess.Popen[bytes] | None = None
-        home.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(prefect_server_env(self.home))
-        # Expired leases are looked for every 15 s by default; the test waits less for a freed lock.
-        env["PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS"] = "1"
-        exe = Path(sys.executable).with_name("prefect")
-        with open(self.home / "server.log", "ab") as out:
-            self.proc = subprocess.Popen([str(exe), "server", "start", "--host", "127.0.0.1", "--port",
-                                          str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        wait_for(lambda: _http_ok(f"{self.api_url}/health"), 180, "the Prefect server", interval=0.5)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture(scope="module")
@@ -195,25 +161,141 @@ def _start_run(server: PrefectServer, sha: str) -> Any:
 
 
 def _deployment_exists(server: PrefectServer) -> bool:
+    """serve registered the deployments and then their automations (so it is about to take runs)."""
     from prefect.client.orchestration import PrefectClient
     from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from deployments.automations import RECOVER_CRASHED_DEPLOYS
 
     async def go() -> bool:
         async with PrefectClient(server.api_url) as c:
             try:
                 await c.read_deployment_by_name("deploy/deploy")
-                return True
+                return bool(await c.read_automations_by_name(RECOVER_CRASHED_DEPLOYS))
             except Exception:
                 return False
 
     return run_coro_as_sync(go())
 
 
+def _state(server: PrefectServer, run_id: Any) -> tuple[str, str]:
+    """(state type, message) of a flow run."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> tuple[str, str]:
+        async with PrefectClient(server.api_url) as c:
+            run = await c.read_flow_run(run_id)
+            return run.state_type.value, run.state.message or ""
+
+    return run_coro_as_sync(go())
+
+
+def _recoveries(server: PrefectServer, run_id: Any) -> list[Any]:
+    """The recover runs the automation started for `run_id`, oldest first."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> list[Any]:
+        async with PrefectClient(server.api_url) as c:
+            runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["recover"])))
+            return sorted((r for r in runs if r.parameters.get("crashed_run_id") == str(run_id)),
+                          key=lambda r: r.created)
+
+    return run_coro_as_sync(go())
+
+
+def _report(server: PrefectServer, run_id: Any, key: str) -> str:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> str:
+        async with PrefectClient(server.api_url) as c:
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[run_id])))
+            return "\n".join(str(a.data) for a in arts if a.key == key)
+
+    return run_coro_as_sync(go())
+
+
+def _lock_slots(server: PrefectServer) -> int:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> int:
+        async with PrefectClient(server.api_url) as c:
+            return (await c.read_global_concurrency_limit_by_name(f"deploy:workout-api:{ENV}")).active_slots
+
+    return run_coro_as_sync(go())
+
+
+def _git_names(fe: FaultEnv) -> str:
+    from ruamel.yaml import YAML
+
+    return str(YAML(typ="safe").load(remote_file(fe.gitops, fe.values(ENV)))["image"]["tag"])
+
+
+def _verified_in_git(fe: FaultEnv, tag: str) -> bool:
+    notes = subprocess.run(["git", "log", "--notes=refs/notes/delivery", "--format=%N", "refs/heads/main"],
+                           cwd=fe.gitops, capture_output=True, text=True, check=True).stdout
+    return f"verified app=workout-api env={ENV} tag={tag} " in notes
+
+
+def _assert_recovered(fe: FaultEnv, server: PrefectServer, run_id: Any, tag: str, killed_at: float,
+                      log: Path) -> Any:
+    """Without anything from the test: a recovery run finishes the dead deploy within 3 minutes of the
+    kill, the new version verified and served, one values commit for it, Git naming what serves, the
+    lock free, and the recovery's report linking the dead run."""
+    deadline = killed_at + 180
+    recovery = wait_for(lambda: (rs := _recoveries(server, run_id)) and _state(server, rs[-1].id)[0] in
+                        ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
+                        max(deadline - time.monotonic(), 1), "the recovery run to finish", 1)
+    st, message = _state(server, recovery.id)
+    assert st == "COMPLETED", f"{st}: {message}\n{log.read_text()[-3000:]}"
+    assert len(_recoveries(server, run_id)) == 1
+    assert app_version(fe.health_url(ENV)) == tag
+    assert _git_names(fe) == tag, "Git's last pipeline commit names what serves"
+    assert _verified_in_git(fe, tag), "the recovery recorded the verification"
+    assert _commits_for(fe, tag) == 1
+    assert _lock_slots(server) == 0, "the environment's lock is free"
+    report = _report(server, recovery.id, f"recover-workout-api-{ENV}")
+    assert str(run_id) in report and "**completed**" in report, report
+    print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill: {message}")
+    return recovery
+
+
+def test_run_process_killed_right_after_the_values_commit_is_recovered(
+        settings_of: FaultEnv, server: PrefectServer, source: SourceClone, tmp_path: Path) -> None:
+    """The deploy's own process SIGKILLed as its values commit lands: the runner marks it Crashed at once,
+    and the recover automation finishes the deploy (after the dead run's lease) with no second commit."""
+    fe = settings_of
+    sha = source.commit(BRANCH, "run killed after commit")
+    tag = f"main-{sha[:7]}"
+    serve = _serve(fe, server, tmp_path / "serve.log")
+    try:
+        wait_for(lambda: _deployment_exists(server), 120, "the deploy deployment served", interval=0.5)
+        before = set(_run_processes(serve.pid))
+        run_id = _start_run(server, sha)
+        wait_for(lambda: _commits_for(fe, tag) == 1, 180, "our values commit", interval=0.02)
+        victims = set(_run_processes(serve.pid)) - before
+        assert len(victims) == 1, victims
+        killed_at = time.monotonic()
+        os.kill(victims.pop(), signal.SIGKILL)
+        wait_for(lambda: _state(server, run_id)[0] == "CRASHED", 30, "the killed run marked Crashed", 0.5)
+        print(f"marked Crashed {time.monotonic() - killed_at:.1f} s after the kill")
+        _assert_recovered(fe, server, run_id, tag, killed_at, tmp_path / "serve.log")
+    finally:
+        _stop(serve)
+
+
 def test_serve_process_killed_mid_deploy(settings_of: FaultEnv, server: PrefectServer, source: SourceClone,
                                         tmp_path: Path) -> None:
-    """serve and its flow-run process SIGKILLed mid-wait: the run stays Running (no heartbeat, no Crashed);
-    the lease expires, and a re-run of the same deploy completes with one values commit."""
-    from prefect.utilities.asyncutils import run_coro_as_sync
+    """serve and its flow-run process SIGKILLed while the deploy waits for Argo CD, serve started again as a
+    supervisor would: the silent run is marked Crashed within the heartbeat window, and the recover
+    automation finishes the deploy within 3 minutes of the kill, with one values commit."""
+    from deployments.automations import HEARTBEAT_SECONDS, WINDOW
 
     fe = settings_of
     sha = source.commit(BRANCH, "serve killed")
@@ -224,32 +306,39 @@ def test_serve_process_killed_mid_deploy(settings_of: FaultEnv, server: PrefectS
         with ArgoPaused(fe):
             run_id = _start_run(server, sha)
             wait_for(lambda: _commits_for(fe, tag) == 1, 180, "our values commit (the run now waits for sync)")
+            time.sleep(2)
             # A dead machine takes the serve process and the flow-run process it started (in a session
             # of its own, so not in serve's process group) down together.
             victims = [serve.pid, *_descendants(serve.pid)]
             assert len(victims) >= 2, "serve runs each flow run in a child process"
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
             serve.wait(timeout=10)
             wait_for(lambda: not any(pid_alive(p) for p in victims[1:]), 30, "the flow-run process to die")
-        time.sleep(3)
-        assert run_coro_as_sync(_run_state(server.api_url, run_id)) == "RUNNING"
-
+        assert _state(server, run_id)[0] == "RUNNING", "nobody is left to say it died"
+        # The machine comes back: a supervisor starts serve again. Nothing else is done by hand.
         serve = _serve(fe, server, tmp_path / "serve2.log")
-        wait_for(lambda: _deployment_exists(server), 120, "the deploy deployment served again", interval=0.5)
-        rerun_id = _start_run(server, sha)
-        final = wait_for(lambda: (st := run_coro_as_sync(_run_state(server.api_url, rerun_id))) in
-                         ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and st, 240, "the re-run to finish", 1)
-        assert final == "COMPLETED", (tmp_path / "serve2.log").read_text()[-3000:]
-        assert _commits_for(fe, tag) == 1
-        assert app_version(fe.health_url(ENV)) == tag
-        # Prefect 3.9 without flow heartbeats (and an automation on them) never marks the dead run Crashed.
-        assert run_coro_as_sync(_run_state(server.api_url, run_id)) == "RUNNING"
+        # The last heartbeat came at most one interval before the kill; then the window, and the
+        # server's proactive evaluation tick (5 s) with some slack.
+        window = HEARTBEAT_SECONDS + WINDOW.total_seconds() + 20
+        wait_for(lambda: _state(server, run_id)[0] == "CRASHED", max(killed_at + window - time.monotonic(), 1),
+                 "the silent run marked Crashed", 1)
+        crashed_after = time.monotonic() - killed_at
+        print(f"marked Crashed {crashed_after:.0f} s after the kill")
+        assert crashed_after >= WINDOW.total_seconds() - HEARTBEAT_SECONDS, crashed_after
+        assert "no heartbeat for 90 s" in _state(server, run_id)[1]
+        _assert_recovered(fe, server, run_id, tag, killed_at, tmp_path / "serve2.log")
     finally:
-        if serve.poll() is None:
-            for pid in [*_descendants(serve.pid), serve.pid]:
+        _stop(serve)
+
+
+def _stop(serve: subprocess.Popen[bytes]) -> None:
+    if serve.poll() is None:
+        for pid in [*_descendants(serve.pid), serve.pid]:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            serve.wait(timeout=30)
+        serve.wait(timeout=30)
 
 
 def test_one_run_killed_does_not_take_another(settings_of: FaultEnv, server: PrefectServer, source: SourceClone,
@@ -285,9 +374,12 @@ def test_one_run_killed_does_not_take_another(settings_of: FaultEnv, server: Pre
         assert app_version(fe.health_url(ENV)) == tag
         assert _commits_for(fe, tag) == 1
         assert serve.poll() is None, "the serve process outlives a killed run"
+        # The killed run is recovered too: the same deploy, already done by the first run, is verified
+        # again once the first frees the lock, with no second commit.
+        recovery = wait_for(lambda: (rs := _recoveries(server, second)) and _state(server, rs[-1].id)[0] in
+                            ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1], 180,
+                            "the killed run's recovery to finish", 1)
+        assert _state(server, recovery.id)[0] == "COMPLETED", _state(server, recovery.id)
+        assert _commits_for(fe, tag) == 1
     finally:
-        if serve.poll() is None:
-            for pid in [*_descendants(serve.pid), serve.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            serve.wait(timeout=30)
+        _stop(serve)
