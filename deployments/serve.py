@@ -128,6 +128,21 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
         announced.add(run_id)
         wake.set()
 
+    async def _read(run_id: str) -> Any:
+        """The announced run, or None. An announcement can overtake the write it announces (seen on
+        SQLite: the run not found yet), and a read can fail like any call: look again shortly, a
+        bounded number of times, rather than leave the run to the backstop poll."""
+        try:
+            return await runner._client.read_flow_run(UUID(run_id))  # noqa: SLF001
+        except Exception as e:  # noqa: BLE001 - retried below, then left to the backstop poll
+            tries = stale[run_id] = stale.get(run_id, 0) + 1
+            if tries <= 20:
+                asyncio.get_running_loop().call_later(0.5, _announce, run_id)
+            else:
+                log.warning("serve: announced run %s unreadable (%s: %s); the %g s poll will find it",
+                            run_id, type(e).__name__, e, POLL_SECONDS)
+            return None
+
     async def submit() -> None:
         nonlocal poll_needed
         while True:
@@ -143,7 +158,9 @@ async def _wake_on_new_runs(runner: Runner, deployment_ids: set[str]) -> None:
                     await runner._get_and_submit_flow_runs()  # noqa: SLF001 - the runner's own poll step
                     continue
                 runs = []
-                for r in await asyncio.gather(*(runner._client.read_flow_run(UUID(i)) for i in ids)):  # noqa: SLF001
+                for r in await asyncio.gather(*(_read(i) for i in ids)):
+                    if r is None:
+                        continue
                     if r.state is not None and r.state.is_paused() and stale.get(str(r.id), 0) < 20:
                         # Announced as `Resuming` yet read back still suspended (the announcement can
                         # overtake the write, measured on SQLite): read it again shortly.
