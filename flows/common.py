@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.concurrency.sync import concurrency
 
 from delivery.config import App, Environment
+from delivery.errors import LockTimeout
 from delivery.log import get_logger
 from delivery.report import Report
+from delivery.runs import ensure_lock
 from delivery.settings import get_settings
 from tasks import argocd, gitops, probes
 
@@ -24,6 +29,22 @@ def work_dir(*parts: str) -> Path:
     d = get_settings().work_dir.joinpath(*parts)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextmanager
+def deploy_lock(report: Report, app: str, environment: str, timeout: float) -> Iterator[None]:
+    """The environment's deploy lock (deploy and promote), held while the block runs; the wait for it
+    is the report's `lock-wait` stage and ends in `LockTimeout` after `timeout` seconds."""
+    lock = ensure_lock(app, environment)
+    with ExitStack() as held:
+        with report.stage("lock-wait"):
+            try:
+                held.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=timeout,
+                                               lease_duration=get_settings().lock_lease_seconds))
+            except TimeoutError as e:
+                raise LockTimeout(f"the deploy lock of {app}/{environment} was not free within "
+                                  f"{timeout:g} s: another deploy or rollback holds it") from e
+        yield
 
 
 def commit_author() -> tuple[str, str]:

@@ -11,24 +11,22 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.concurrency.sync import concurrency
 from prefect.states import Cancelled, Failed
 
 from delivery.config import App, Environment, load_config
-from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout, PromotionRefused
+from delivery.errors import DeliveryError, DeploySuperseded, PromotionRefused
 from delivery.log import get_logger
 from delivery.promotion import start_auto_promotions
 from delivery.report import Report
-from delivery.runs import active_deploy_runs, ensure_lock, tag_flow_run
+from delivery.runs import active_deploy_runs, tag_flow_run
 from delivery.settings import get_settings
 from flows import feedback
-from flows.common import commit_author, publish, read_back, verify, work_dir
+from flows.common import commit_author, deploy_lock, publish, read_back, verify, work_dir
 from flows.rollback import rollback
 from tasks import gitops, images, records, trailers, values
 
@@ -139,15 +137,7 @@ def deploy(
         if newer:
             raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
 
-        lock = ensure_lock(app, environment)
-        with ExitStack() as held:
-            with report.stage("lock-wait"):
-                try:
-                    held.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout,
-                                                   lease_duration=get_settings().lock_lease_seconds))
-                except TimeoutError as e:
-                    raise LockTimeout(f"the deploy lock of {app}/{environment} was not free within "
-                                      f"{lock_timeout:g} s: another deploy or rollback holds it") from e
+        with deploy_lock(report, app, environment, lock_timeout):
             return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
                                   rollout_timeout, health_timeout)
     except DeploySuperseded as e:

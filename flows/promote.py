@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
@@ -39,14 +37,14 @@ from prefect.states import Cancelled, Failed
 from pydantic import Field
 
 from delivery.config import App, Environment, load_config
-from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout, PromotionRefused
+from delivery.errors import DeliveryError, DeploySuperseded, PromotionRefused
 from delivery.log import get_logger
 from delivery.promotion import active_promotions, ensure_approval_automation, run_url
 from delivery.report import Report
-from delivery.runs import ensure_lock, tag_flow_run
+from delivery.runs import tag_flow_run
 from delivery.settings import get_settings
 from flows import feedback
-from flows.common import publish, read_back, work_dir
+from flows.common import deploy_lock, publish, read_back, work_dir
 from flows.deploy import Prebuilt, _deploy_locked
 from tasks import gitops, images, records, values
 
@@ -150,15 +148,7 @@ def promote(
             superseded=lambda locked_repo: _superseded(locked_repo, a, source, target, c.tag),
         )
         # Taken only now, after the approval: a promotion waiting for one holds no lock.
-        lock = ensure_lock(app, to_environment)
-        with ExitStack() as held:
-            with report.stage("lock-wait"):
-                try:
-                    held.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=lock_timeout,
-                                                   lease_duration=get_settings().lock_lease_seconds))
-                except TimeoutError as e:
-                    raise LockTimeout(f"the deploy lock of {app}/{to_environment} was not free within "
-                                      f"{lock_timeout:g} s: another deploy or rollback holds it") from e
+        with deploy_lock(report, app, to_environment, lock_timeout):
             return _deploy_locked(report, a, target, [c.tag], None, None, a.values_path(to_environment),
                                   sync_timeout, rollout_timeout, health_timeout, prebuilt=prebuilt)
     except DeploySuperseded as e:

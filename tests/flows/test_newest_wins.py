@@ -10,7 +10,7 @@ import git
 
 from delivery import runs
 from delivery.config import load_config
-from flows import deploy as deploy_module
+from flows import common as common_module
 from flows.deploy import deploy
 from tests.flows.conftest import gitops_log, health
 
@@ -37,7 +37,8 @@ def test_older_run_waiting_on_the_lock_is_superseded_by_a_newer_deploy(stack, so
             go_on.wait(300)
         return real_ensure_lock(app, environment)
 
-    monkeypatch.setattr(deploy_module, "ensure_lock", ensure_lock_after_a_wait)
+    # The deploy takes its lock through flows.common.deploy_lock.
+    monkeypatch.setattr(common_module, "ensure_lock", ensure_lock_after_a_wait)
     states = {}
     t = threading.Thread(target=lambda: states.setdefault("older", deploy(
         app=APP, environment=ENV, source_ref=REF, source_sha=older, return_state=True, **FAST)))
