@@ -22,6 +22,7 @@ import pytest
 from delivery.settings import get_settings
 from sandbox.manager import IMAGE_REPOSITORY, Sandbox, SandboxState, free_port
 from tests.fixtures_sandbox import _restore_env, _set_env, free_port_block
+from tests.prefect_server import PrefectServer
 from tests.source_clone import SourceClone
 
 APP = "workout-api"
@@ -230,8 +231,7 @@ def start_fault_env(root: Path, *, kube_args: list[str] | None = None) -> FaultE
 
 
 def stop_fault_env(fe: FaultEnv) -> None:
-    fe.sandbox.down()
-    fe.registry.kill()
+    # The images go first: the sandbox's down stops the engine when the sandbox started it.
     client = docker.from_env(timeout=120)
     try:
         for img in client.images.list(name=fe.image):
@@ -242,6 +242,8 @@ def stop_fault_env(fe: FaultEnv) -> None:
                     pass
     finally:
         client.close()
+    fe.sandbox.down()
+    fe.registry.kill()
 
 
 @pytest.fixture(scope="package")
@@ -281,3 +283,14 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` of the module's own (own PREFECT_HOME, SQLite), so it can be restarted."""
+    s = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,226 @@
+"""What the Prefect-side fault tests share: a deploy or serve process pointed at a Prefect server of the
+tests' own, and reads of what that server, Git and the lock say afterwards (the guarantees a killed or
+cut-off deploy must keep: one values commit, Git naming what serves, the lock free)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from delivery.settings import PROJECT_ROOT
+from tests.faults.conftest import FaultEnv, app_version, remote_file, remote_log, wait_for
+from tests.prefect_server import PrefectServer
+
+ENV, BRANCH = "staging", "main"
+WAITS = {"sync_timeout": 120.0, "rollout_timeout": 60.0, "health_timeout": 60.0, "lock_timeout": 180.0}
+# The shortest lease the server accepts, so a killed run's lock is repossessed within the test.
+LEASE_SECONDS = "60"
+
+
+def run_env(fe: FaultEnv, server: PrefectServer, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DELIVERY_"))}
+    env.update(fe.env, PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(PROJECT_ROOT), **extra)
+    return env
+
+
+def start_deploy(fe: FaultEnv, server: PrefectServer, sha: str, log: Path) -> subprocess.Popen[str]:
+    params = {"app": "workout-api", "environment": ENV, "source_ref": f"refs/heads/{BRANCH}", "source_sha": sha,
+              **WAITS}
+    out = open(log, "w")  # noqa: SIM115 - closed by the caller through proc.stdout
+    return subprocess.Popen([sys.executable, "-m", "tests.faults.run_deploy", json.dumps(params)], cwd=PROJECT_ROOT,
+                            env=run_env(fe, server), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def result(proc: subprocess.Popen[str], log: Path, timeout: float = 300) -> dict[str, Any]:
+    proc.wait(timeout=timeout)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"the deploy process printed no result (exit {proc.returncode}):\n{log.read_text()[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def commits_for(fe: FaultEnv, tag: str) -> int:
+    return sum(1 for _, s in remote_log(fe.gitops, fe.values(ENV), n=50) if s.endswith(f" {tag}"))
+
+
+class ArgoPaused:
+    """SIGSTOP the Argo CD emulator so a deploy sits in its wait for sync; SIGCONT on exit."""
+
+    def __init__(self, fe: FaultEnv) -> None:
+        self.pid = fe.argocd_pid()
+
+    def __enter__(self) -> ArgoPaused:
+        os.kill(self.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+async def run_state(api_url: str, run_id: Any) -> str:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as c:
+        return (await c.read_flow_run(run_id)).state_type.value
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += [int(child), *descendants(int(child))]
+    return out
+
+
+def run_processes(serve_pid: int) -> list[int]:
+    """The flow-run processes of a serve process: the children of its fork server."""
+    out = []
+    for child in Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split():
+        if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            out += [int(c) for c in Path(f"/proc/{child}/task/{child}/children").read_text().split()]
+    return out
+
+
+def start_serve(fe: FaultEnv, server: PrefectServer, log: Path) -> subprocess.Popen[bytes]:
+    env = run_env(fe, server, DELIVERY_LOCK_LEASE_SECONDS=LEASE_SECONDS, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=PROJECT_ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def start_run(server: PrefectServer, sha: str) -> Any:
+    """Create a run of deploy/deploy on our server (what the webhook receiver does)."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> Any:
+        async with PrefectClient(server.api_url) as c:
+            dep = await c.read_deployment_by_name("deploy/deploy")
+            run = await c.create_flow_run_from_deployment(
+                dep.id, parameters={"app": "workout-api", "environment": ENV, "source_ref": f"refs/heads/{BRANCH}",
+                                    "source_sha": sha, **WAITS})
+            return run.id
+
+    return run_coro_as_sync(go())
+
+
+def deployment_exists(server: PrefectServer) -> bool:
+    """serve registered the deployments and then their automations (so it is about to take runs)."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from deployments.automations import RECOVER_CRASHED_DEPLOYS
+
+    async def go() -> bool:
+        async with PrefectClient(server.api_url) as c:
+            try:
+                await c.read_deployment_by_name("deploy/deploy")
+                return bool(await c.read_automations_by_name(RECOVER_CRASHED_DEPLOYS))
+            except Exception:
+                return False
+
+    return run_coro_as_sync(go())
+
+
+def state(server: PrefectServer, run_id: Any) -> tuple[str, str]:
+    """(state type, message) of a flow run."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> tuple[str, str]:
+        async with PrefectClient(server.api_url) as c:
+            run = await c.read_flow_run(run_id)
+            return run.state_type.value, run.state.message or ""
+
+    return run_coro_as_sync(go())
+
+
+def recoveries(server: PrefectServer, run_id: Any) -> list[Any]:
+    """The recover runs the automation started for `run_id`, oldest first."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> list[Any]:
+        async with PrefectClient(server.api_url) as c:
+            runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["recover"])))
+            return sorted((r for r in runs if r.parameters.get("crashed_run_id") == str(run_id)),
+                          key=lambda r: r.created)
+
+    return run_coro_as_sync(go())
+
+
+def report(server: PrefectServer, run_id: Any, key: str) -> str:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> str:
+        async with PrefectClient(server.api_url) as c:
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[run_id])))
+            return "\n".join(str(a.data) for a in arts if a.key == key)
+
+    return run_coro_as_sync(go())
+
+
+def lock_slots(server: PrefectServer) -> int:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> int:
+        async with PrefectClient(server.api_url) as c:
+            return (await c.read_global_concurrency_limit_by_name(f"deploy:workout-api:{ENV}")).active_slots
+
+    return run_coro_as_sync(go())
+
+
+def git_names(fe: FaultEnv) -> str:
+    from ruamel.yaml import YAML
+
+    return str(YAML(typ="safe").load(remote_file(fe.gitops, fe.values(ENV)))["image"]["tag"])
+
+
+def verified_in_git(fe: FaultEnv, tag: str) -> bool:
+    notes = subprocess.run(["git", "log", "--notes=refs/notes/delivery", "--format=%N", "refs/heads/main"],
+                           cwd=fe.gitops, capture_output=True, text=True, check=True).stdout
+    return f"verified app=workout-api env={ENV} tag={tag} " in notes
+
+
+def assert_recovered(fe: FaultEnv, server: PrefectServer, run_id: Any, tag: str, killed_at: float,
+                      log: Path) -> Any:
+    """Without anything from the test: a recovery run finishes the dead deploy within 3 minutes of the
+    kill, the new version verified and served, one values commit for it, Git naming what serves, the
+    lock free, and the recovery's report linking the dead run."""
+    deadline = killed_at + 180
+    recovery = wait_for(lambda: (rs := recoveries(server, run_id)) and state(server, rs[-1].id)[0] in
+                        ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
+                        max(deadline - time.monotonic(), 1), "the recovery run to finish", 1)
+    st, message = state(server, recovery.id)
+    assert st == "COMPLETED", f"{st}: {message}\n{log.read_text()[-3000:]}"
+    assert len(recoveries(server, run_id)) == 1
+    assert app_version(fe.health_url(ENV)) == tag
+    assert git_names(fe) == tag, "Git's last pipeline commit names what serves"
+    assert verified_in_git(fe, tag), "the recovery recorded the verification"
+    assert commits_for(fe, tag) == 1
+    assert lock_slots(server) == 0, "the environment's lock is free"
+    text = report(server, recovery.id, f"recover-workout-api-{ENV}")
+    assert str(run_id) in text and "**completed**" in text, text
+    print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill: {message}")
+    return recovery
+
+
+def stop(serve: subprocess.Popen[bytes]) -> None:
+    if serve.poll() is None:
+        for pid in [*descendants(serve.pid), serve.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+
+
