@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--limit", "-n", type=int, default=20)
     de.set_defaults(func=_deliveries)
 
-    hi = sub.add_parser("history", help="deploy and rollback runs with DORA figures")
+    hi = sub.add_parser("history", help="deploy, promotion and rollback runs with DORA figures")
     hi.add_argument("app", nargs="?")
     hi.add_argument("--environment", "-e")
     hi.add_argument("--limit", "-n", type=int, default=20)

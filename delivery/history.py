@@ -1,5 +1,5 @@
-"""`delivery history`: the deploy and rollback runs from the Prefect API, with the figures their
-reports carry, and the four DORA figures over the shown window."""
+"""`delivery history`: the deploy, promotion and rollback runs from the Prefect API, with the figures
+their reports carry, and the four DORA figures over the shown window."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from delivery.report import parse_summary
 @dataclass
 class HistoryRow:
     when: datetime | None
-    kind: str
+    kind: str  # deploy | promote | rollback
     app: str
     environment: str
     tag: str
@@ -35,6 +35,25 @@ class HistoryRow:
     rolled_back_to: str
     restore_s: float | None
     run_name: str
+    # How the change came: "from dev, approved by ana: ok" for a promotion, "recovered by <run>" for a
+    # deploy whose process died and which a recovery run finished.
+    via: str = ""
+
+
+# Results that were never a change to what serves: not deploys for the DORA figures.
+NOT_A_CHANGE = ("superseded", "cancelled", "refused", "rejected", "waiting-for-approval", "running")
+
+
+@dataclass
+class RunEntry:
+    """One run as the Prefect API has it: its flow's name, its report's summary and, for a subflow,
+    its parent run's id and flow name."""
+
+    run: Any
+    flow: str
+    summary: dict[str, Any] | None
+    parent_run_id: str = ""
+    parent_flow: str = ""
 
 
 def _lead_time(summary: dict[str, Any]) -> float | None:
@@ -53,45 +72,93 @@ def _lead_time(summary: dict[str, Any]) -> float | None:
 def row_from(run: Any, flow_name: str, summary: dict[str, Any] | None) -> HistoryRow:
     p = run.parameters or {}
     s = summary or {}
-    kind = "rollback" if flow_name == "rollback" else "deploy"
+    kind = flow_name if flow_name in ("rollback", "promote") else "deploy"
     result = s.get("result") or (run.state_name or "").lower()
     restore = None
-    if kind == "deploy" and result == "rolled-back":
+    if kind != "rollback" and result == "rolled-back":
         restore = sum(st["seconds"] for st in s.get("stages", []) if st["name"] == "rollback") or None
+    via = ""
+    if kind == "promote":
+        via = f"from {s.get('promoted_from') or p.get('from_environment', '?')}"
+        if s.get("approval") and not s["approval"].startswith("waiting"):
+            via += f", {s['approval']}"
     return HistoryRow(
         when=run.start_time or run.expected_start_time, kind=kind, app=p.get("app", ""),
-        environment=p.get("environment", ""), tag=s.get("tag") or p.get("to_tag") or "",
-        source=(p.get("source_sha") or "")[:7], result=result,
+        environment=p.get("to_environment", "") if kind == "promote" else p.get("environment", ""),
+        tag=s.get("tag") or p.get("to_tag") or p.get("tag") or "",
+        source=(s.get("source_sha") or p.get("source_sha") or "")[:7], result=result,
+        # A promotion's lead time belongs to the deploy that first verified the change.
         lead_time_s=_lead_time(s) if kind == "deploy" else None,
-        rolled_back_to=s.get("rolled_back_to", ""), restore_s=restore, run_name=run.name,
+        rolled_back_to=s.get("rolled_back_to", ""), restore_s=restore, run_name=run.name, via=via,
     )
 
 
+def _finished_by(run_id: str, recoveries: dict[str, RunEntry]) -> RunEntry | None:
+    """The recovery that finally finished a crashed run: a recovery that crashed itself is followed to
+    the one that took it over in turn."""
+    rec, seen = recoveries.get(run_id), {run_id}
+    while rec is not None and str(rec.run.id) in recoveries and str(rec.run.id) not in seen:
+        seen.add(str(rec.run.id))
+        rec = recoveries[str(rec.run.id)]
+    return rec
+
+
+def assemble(entries: list[RunEntry], app: str | None, environment: str | None, limit: int) -> list[HistoryRow]:
+    """One row per change a user asked for, newest first. An automatic rollback shows in its deploy's
+    row; a deploy whose process died shows once, with what its recovery made of it (the recovery's own
+    re-run of the deploy is that outcome, not a second deploy)."""
+    recoveries: dict[str, RunEntry] = {}
+    for e in entries:  # newest first: the first recovery seen for a run is its latest
+        if e.flow == "recover":
+            recoveries.setdefault(str((e.run.parameters or {}).get("crashed_run_id", "")), e)
+    redeploys = {e.parent_run_id: e for e in reversed(entries) if e.parent_flow == "recover"}
+    rows: list[HistoryRow] = []
+    for e in entries:
+        if e.flow == "recover" or e.parent_flow:
+            continue
+        row = row_from(e.run, e.flow, e.summary)
+        rec = _finished_by(str(e.run.id), recoveries)
+        if rec is not None:
+            redeploy = redeploys.get(str(rec.run.id))
+            done = (row_from(redeploy.run, redeploy.flow, redeploy.summary) if redeploy is not None
+                    else row_from(rec.run, e.flow, rec.summary))
+            row.result, row.rolled_back_to, row.restore_s = done.result, done.rolled_back_to, done.restore_s
+            row.lead_time_s = done.lead_time_s if row.kind == "deploy" else None
+            row.tag = row.tag or done.tag
+            row.via = ", ".join(v for v in (row.via, f"recovered by {rec.run.name}") if v)
+        if (app and row.app != app) or (environment and row.environment != environment):
+            continue
+        rows.append(row)
+        if len(rows) >= limit:
+            break
+    return rows
+
+
 async def _read(app: str | None, environment: str | None, limit: int) -> list[HistoryRow]:
+    names = ["deploy", "rollback", "promote", "recover"]
     async with get_client() as client:
         flows = {f.id: f.name for f in await client.read_flows(flow_filter=FlowFilter(
-            name=FlowFilterName(any_=["deploy", "rollback"])))}
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy", "rollback"])),
-            sort=FlowRunSort.START_TIME_DESC, limit=limit * 4,
-        )
-        rows = []
+            name=FlowFilterName(any_=names)))}
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=names)),
+                                           sort=FlowRunSort.START_TIME_DESC, limit=limit * 6)
+        entries = []
         for run in runs:
             p = run.parameters or {}
-            if (app and p.get("app") != app) or (environment and p.get("environment") != environment):
-                continue
             flow_name = flows.get(run.flow_id, "")
-            if flow_name == "rollback" and run.parent_task_run_id:
-                continue  # an automatic rollback shows in its deploy's row
+            if flow_name != "recover" and app and p.get("app") != app:
+                continue
+            parent_run_id = parent_flow = ""
+            if run.parent_task_run_id:
+                parent_run_id = str((await client.read_task_run(run.parent_task_run_id)).flow_run_id)
+                parent = await client.read_flow_run(parent_run_id)
+                parent_flow = flows.get(parent.flow_id, "") or "other"
             arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
                 type=ArtifactFilterType(any_=["markdown"])))
             summary = next((parse_summary(a.data) for a in arts if isinstance(a.data, str)
                             and parse_summary(a.data)), None)
-            rows.append(row_from(run, flow_name, summary))
-            if len(rows) >= limit:
-                break
-        return rows
+            entries.append(RunEntry(run, flow_name, summary, parent_run_id, parent_flow))
+        return assemble(entries, app, environment, limit)
 
 
 def read_history(app: str | None = None, environment: str | None = None, limit: int = 20) -> list[HistoryRow]:
@@ -108,7 +175,8 @@ class Dora:
 
 
 def dora(rows: list[HistoryRow]) -> Dora:
-    deploys = [r for r in rows if r.kind == "deploy" and r.result not in ("superseded", "cancelled")]
+    # A promotion is a deploy of a verified image to the next environment: it counts as one.
+    deploys = [r for r in rows if r.kind in ("deploy", "promote") and r.result not in NOT_A_CHANGE]
     done = [r for r in deploys if r.result == "completed"]
     failed = [r for r in deploys if r.result in ("failed", "rolled-back", "crashed")]
     whens = [r.when for r in rows if r.when]
@@ -125,11 +193,11 @@ def dora(rows: list[HistoryRow]) -> Dora:
 
 
 def render(rows: list[HistoryRow]) -> str:
-    head = ("when", "kind", "app", "env", "tag", "source", "result", "lead time", "rolled back to")
+    head = ("when", "kind", "app", "env", "tag", "source", "result", "lead time", "rolled back to", "via")
     body = [(
         r.when.strftime("%Y-%m-%d %H:%M:%S") if r.when else "-", r.kind, r.app, r.environment, r.tag or "-",
         r.source or "-", r.result, f"{r.lead_time_s:.1f} s" if r.lead_time_s is not None else "-",
-        r.rolled_back_to or "-",
+        r.rolled_back_to or "-", r.via or "-",
     ) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

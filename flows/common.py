@@ -1,13 +1,13 @@
-"""What the deploy and rollback flows share: the work directory, the commit identity, the verify
-path (Argo CD synced at our commit → rollout → health), the final read-back of what Git and the
-cluster name, and publishing the run's report. Both flows import this module; neither imports
-the other's internals."""
+"""What the deploy, promote and rollback flows share: the work directory, the environment's lock, the
+commit identity, the verify path (Argo CD synced at our commit → rollout → health), the final
+read-back of what Git and the cluster name, how a run's outcome ends its report, and publishing it.
+The flows import this module; none imports another's internals."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,10 @@ from typing import Any
 from prefect import runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
+from prefect.states import Cancelled, Failed
 
 from delivery.config import App, Environment
-from delivery.errors import LockTimeout
+from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout, PromotionRefused
 from delivery.log import get_logger
 from delivery.report import Report
 from delivery.runs import ensure_lock
@@ -45,6 +46,42 @@ def deploy_lock(report: Report, app: str, environment: str, timeout: float) -> I
                 raise LockTimeout(f"the deploy lock of {app}/{environment} was not free within "
                                   f"{timeout:g} s: another deploy or rollback holds it") from e
         yield
+
+
+@contextmanager
+def scratch_dir(app: str, prefix: str) -> Iterator[Path]:
+    """A directory of the run's own under the app's work directory, removed when the run ends."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir(app)))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def settle(report: Report, a: App, env: Environment, body: Callable[[], Any]) -> Any:
+    """Run a deploy or promotion's `body` and end its report the same way whatever happens:
+    superseded → Cancelled; refused (a promotion's checks; nothing was written) → Failed; any other
+    failure, ours or not (a Prefect API error, a bug) → the report says what Git and the cluster
+    show now, and the error is raised again so the run ends Failed with it."""
+    log = get_logger()
+    try:
+        return body()
+    except DeploySuperseded as e:
+        report.finish("superseded", str(e))
+        log.info("%s skipped: %s", report.kind, e)
+        publish(report)
+        return Cancelled(message=str(e))
+    except PromotionRefused as e:
+        report.finish("refused", str(e))
+        log.error("%s refused: %s", report.kind, e)
+        publish(report)
+        return Failed(message=str(e))
+    except Exception as e:
+        if report.result == "running":
+            report.finish("failed", str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}")
+        read_back(report, a, env)
+        publish(report)
+        raise
 
 
 def commit_author() -> tuple[str, str]:

@@ -8,15 +8,13 @@ its outcome belongs in this run's report and final message."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.states import Cancelled, Failed
+from prefect.states import Failed
 
 from delivery.config import App, Environment, load_config
 from delivery.errors import DeliveryError, DeploySuperseded, PromotionRefused
@@ -26,7 +24,7 @@ from delivery.report import Report
 from delivery.runs import active_deploy_runs, tag_flow_run
 from delivery.settings import get_settings
 from flows import feedback
-from flows.common import commit_author, deploy_lock, publish, read_back, verify, work_dir
+from flows.common import commit_author, deploy_lock, publish, read_back, scratch_dir, settle, verify, work_dir
 from flows.rollback import rollback
 from tasks import gitops, images, records, trailers, values
 
@@ -125,35 +123,22 @@ def deploy(
     log.info("deploying %s@%s to %s as %s (delivery %s)", source_ref, source_sha[:12], environment, tag,
              delivery_id or "none")
 
-    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir(app)))
-    try:
-        with report.stage("checkout"):
-            # One clone per run: concurrent deploys of the same app (another environment, a newer
-            # commit) must never build each other's checkout.
-            src_dir = gitops.checkout_commit_task(a.source_repo, source_sha, run_dir / "source")
-            src_repo = gitops.open_repo(src_dir)
-        # Check before queueing on the lock: in a burst, most runs end here at once.
-        newer = _superseded_by(src_repo, a, env, source_ref, source_sha, None)
-        if newer:
-            raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
+    with scratch_dir(app, "run-") as run_dir:
+        def body() -> Any:
+            with report.stage("checkout"):
+                # One clone per run: concurrent deploys of the same app (another environment, a newer
+                # commit) must never build each other's checkout.
+                src_dir = gitops.checkout_commit_task(a.source_repo, source_sha, run_dir / "source")
+                src_repo = gitops.open_repo(src_dir)
+            # Check before queueing on the lock: in a burst, most runs end here at once.
+            newer = _superseded_by(src_repo, a, env, source_ref, source_sha, None)
+            if newer:
+                raise DeploySuperseded(f"superseded by {newer[:12]} of {source_ref}, queued or running")
+            with deploy_lock(report, app, environment, lock_timeout):
+                return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
+                                      rollout_timeout, health_timeout)
 
-        with deploy_lock(report, app, environment, lock_timeout):
-            return _deploy_locked(report, a, env, tags, src_dir, src_repo, values_path, sync_timeout,
-                                  rollout_timeout, health_timeout)
-    except DeploySuperseded as e:
-        report.finish("superseded", str(e))
-        log.info("deploy skipped: %s", e)
-        publish(report)
-        return Cancelled(message=str(e))
-    except Exception as e:
-        # Any failure, ours or not (a Prefect API error, a bug), still ends with the report.
-        if report.result == "running":
-            report.finish("failed", str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}")
-        read_back(report, a, env)
-        publish(report)
-        raise
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        return settle(report, a, env, body)
 
 
 def _deploy_locked(report: Report, a: App, env: Environment, tags: list[str], src_dir: Path | None, src_repo: Any,

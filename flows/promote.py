@@ -22,8 +22,6 @@ the target already runs it or its promotion is queued or running."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,18 +31,18 @@ from prefect import flow, runtime
 from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled
 from pydantic import Field
 
 from delivery.config import App, Environment, load_config
-from delivery.errors import DeliveryError, DeploySuperseded, PromotionRefused
+from delivery.errors import DeploySuperseded, PromotionRefused
 from delivery.log import get_logger
 from delivery.promotion import active_promotions, ensure_approval_automation, run_url
 from delivery.report import Report
 from delivery.runs import tag_flow_run
 from delivery.settings import get_settings
 from flows import feedback
-from flows.common import deploy_lock, publish, read_back, work_dir
+from flows.common import deploy_lock, publish, scratch_dir, settle
 from flows.deploy import Prebuilt, _deploy_locked
 from tasks import gitops, images, records, values
 
@@ -114,61 +112,45 @@ def promote(
                     promoted_from=from_environment)
     tag_flow_run(runtime.flow_run.id, [f"app:{app}", f"env:{to_environment}", f"from:{from_environment}"])
     creds = images.registry_credentials(get_settings())
-    run_dir = Path(tempfile.mkdtemp(prefix="promote-", dir=work_dir(app)))
-    try:
-        with report.stage("checks"):
-            # A clone of our own: the environments' clones belong to the runs holding their locks.
-            repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, run_dir / "gitops")
-            c = _candidate(repo, a, source, target, tag, creds)
-            _fill(report, c)
-            newer = _superseded(repo, a, source, target, c.tag)
-            if newer:
-                raise DeploySuperseded(newer)
-        log.info("promoting %s (%s, verified in %s at %s) to %s", c.tag, c.digest, source.name, c.verified_at,
-                 target.name)
-        if target.approval_required:
-            decision = _wait_for_approval(report, a, source, target, c, reason, approval_timeout)
-            report.approved_by, report.approval_comment = decision.approver.strip(), decision.comment.strip()
-            verdict = "approved" if decision.approve else "rejected"
-            report.approval = f"{verdict} by {report.approved_by}" + (
-                f": {report.approval_comment}" if report.approval_comment else "")
-            if not decision.approve:
-                msg = f"promotion of {c.tag} to {target.name} {report.approval}; nothing was changed"
-                log.info("%s", msg)
-                report.finish("rejected", msg)
-                publish(report)
-                return Cancelled(message=msg)
-            log.info("promotion of %s to %s %s", c.tag, target.name, report.approval)
-        report.reason = reason
-        if report.source_sha:
-            feedback.attach(report, a, run_url=runtime.flow_run.ui_url, kind="promote", sha=report.source_sha)
-        prebuilt = Prebuilt(
-            digest=c.digest, promoted_from=source.name, approved_by=report.approved_by,
-            approval_comment=report.approval_comment,
-            superseded=lambda locked_repo: _superseded(locked_repo, a, source, target, c.tag),
-        )
-        # Taken only now, after the approval: a promotion waiting for one holds no lock.
-        with deploy_lock(report, app, to_environment, lock_timeout):
-            return _deploy_locked(report, a, target, [c.tag], None, None, a.values_path(to_environment),
-                                  sync_timeout, rollout_timeout, health_timeout, prebuilt=prebuilt)
-    except DeploySuperseded as e:
-        report.finish("superseded", str(e))
-        log.info("promotion skipped: %s", e)
-        publish(report)
-        return Cancelled(message=str(e))
-    except PromotionRefused as e:
-        report.finish("refused", str(e))
-        log.error("promotion refused: %s", e)
-        publish(report)
-        return Failed(message=str(e))
-    except Exception as e:
-        if report.result == "running":
-            report.finish("failed", str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}")
-        read_back(report, a, target)
-        publish(report)
-        raise
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with scratch_dir(app, "promote-") as run_dir:
+        def body() -> Any:
+            with report.stage("checks"):
+                # A clone of our own: the environments' clones belong to the runs holding their locks.
+                repo = gitops.checkout_task(a.gitops_repo, a.gitops_branch, run_dir / "gitops")
+                c = _candidate(repo, a, source, target, tag, creds)
+                _fill(report, c)
+                newer = _superseded(repo, a, source, target, c.tag)
+                if newer:
+                    raise DeploySuperseded(newer)
+            log.info("promoting %s (%s, verified in %s at %s) to %s", c.tag, c.digest, source.name, c.verified_at,
+                     target.name)
+            if target.approval_required:
+                decision = _wait_for_approval(report, a, source, target, c, reason, approval_timeout)
+                report.approved_by, report.approval_comment = decision.approver.strip(), decision.comment.strip()
+                verdict = "approved" if decision.approve else "rejected"
+                report.approval = f"{verdict} by {report.approved_by}" + (
+                    f": {report.approval_comment}" if report.approval_comment else "")
+                if not decision.approve:
+                    msg = f"promotion of {c.tag} to {target.name} {report.approval}; nothing was changed"
+                    log.info("%s", msg)
+                    report.finish("rejected", msg)
+                    publish(report)
+                    return Cancelled(message=msg)
+                log.info("promotion of %s to %s %s", c.tag, target.name, report.approval)
+            report.reason = reason
+            if report.source_sha:
+                feedback.attach(report, a, run_url=runtime.flow_run.ui_url, kind="promote", sha=report.source_sha)
+            prebuilt = Prebuilt(
+                digest=c.digest, promoted_from=source.name, approved_by=report.approved_by,
+                approval_comment=report.approval_comment,
+                superseded=lambda locked_repo: _superseded(locked_repo, a, source, target, c.tag),
+            )
+            # Taken only now, after the approval: a promotion waiting for one holds no lock.
+            with deploy_lock(report, app, to_environment, lock_timeout):
+                return _deploy_locked(report, a, target, [c.tag], None, None, a.values_path(to_environment),
+                                      sync_timeout, rollout_timeout, health_timeout, prebuilt=prebuilt)
+
+        return settle(report, a, target, body)
 
 
 def _fill(report: Report, c: Candidate) -> None:

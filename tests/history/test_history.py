@@ -82,3 +82,71 @@ def test_dora_figures_are_per_app():
     b = text[text.index("DORA figures for app-b"):]
     assert "2 verified deploys" in a and "Change failure rate: 0%" in a and "6.0 s" in a
     assert "0 verified deploys" in b and "Change failure rate: 100%" in b
+
+
+def _entry(flow: str, params: dict, summary: dict | None, *, minutes: int, state: str = "Completed",
+           parent: tuple[str, str] = ("", "")) -> history.RunEntry:
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    run = SimpleNamespace(id=uuid4(), name=f"{flow}-{minutes}", parameters=params, state_name=state,
+                          start_time=datetime(2026, 12, 1, tzinfo=UTC) + timedelta(minutes=minutes),
+                          expected_start_time=None)
+    return history.RunEntry(run, flow, summary, *parent)
+
+
+def _summary(result: str, tag: str, **extra) -> dict:
+    return {"result": result, "tag": tag, "started_at": 1000.0, "finished_at": 1004.0, "stages": [], **extra}
+
+
+def test_a_recovered_deploy_shows_once_with_what_its_recovery_made_of_it():
+    """The crashed deploy, its recovery and the recovery's re-run of the deploy are one row: completed,
+    with the lead time of the re-run, 'recovered by' the recovery run, and one verified deploy in DORA."""
+    params = {"app": "workout-api", "environment": "dev", "source_sha": "abcdef123456"}
+    crashed = _entry("deploy", params, None, minutes=0, state="Crashed")
+    recover = _entry("recover", {"crashed_run_id": str(crashed.run.id)}, _summary("completed", "main-abcdef1"),
+                     minutes=2)
+    redeploy = _entry("deploy", params, _summary("completed", "main-abcdef1"), minutes=3,
+                      parent=(str(recover.run.id), "recover"))
+    rows = history.assemble([redeploy, recover, crashed], "workout-api", "dev", 10)
+    assert len(rows) == 1, rows
+    (row,) = rows
+    assert (row.kind, row.result, row.tag, row.run_name) == ("deploy", "completed", "main-abcdef1", "deploy-0")
+    assert row.lead_time_s == 4.0 and row.via == f"recovered by {recover.run.name}"
+    d = history.dora(rows)
+    assert (d.deployments, d.change_failure_rate) == (1, 0.0)
+
+
+def test_a_recovery_that_crashed_is_followed_to_the_one_that_finished():
+    """A recovery that died itself is taken over by another: the deploy's row shows the last one's outcome."""
+    params = {"app": "workout-api", "environment": "dev", "source_sha": "abcdef123456"}
+    crashed = _entry("deploy", params, None, minutes=0, state="Crashed")
+    first = _entry("recover", {"crashed_run_id": str(crashed.run.id)}, None, minutes=1, state="Crashed")
+    second = _entry("recover", {"crashed_run_id": str(first.run.id)},
+                    _summary("superseded", "main-abcdef1"), minutes=2)
+    (row,) = history.assemble([second, first, crashed], None, None, 10)
+    assert (row.result, row.via) == ("superseded", f"recovered by {second.run.name}")
+    assert history.dora([row]).change_failure_rate is None, "a superseded deploy is not a change"
+
+
+def test_promotions_are_rows_and_count_as_deploys():
+    """A promotion is a row of the target environment, naming its source and approval; a verified one counts
+    as a deploy, a rejected or refused one does not."""
+    ok = _entry("promote", {"app": "workout-api", "from_environment": "staging", "to_environment": "prod"},
+                _summary("completed", "main-abcdef1", promoted_from="staging",
+                         approval="approved by ana: looks good", source_sha="abcdef123456"), minutes=5)
+    rejected = _entry("promote", {"app": "workout-api", "from_environment": "staging", "to_environment": "prod"},
+                      _summary("rejected", "main-abcdef1", promoted_from="staging", approval="rejected by bo"),
+                      minutes=4, state="Cancelled")
+    dev = _entry("deploy", {"app": "workout-api", "environment": "dev"}, _summary("completed", "main-abcdef1"),
+                 minutes=1)
+    assert [r.environment for r in history.assemble([ok, rejected, dev], None, "prod", 10)] == ["prod", "prod"]
+    rows = history.assemble([ok, rejected, dev], "workout-api", None, 10)
+    assert [(r.kind, r.result) for r in rows] == [("promote", "completed"), ("promote", "rejected"),
+                                                  ("deploy", "completed")]
+    assert rows[0].via == "from staging, approved by ana: looks good" and rows[0].lead_time_s is None
+    assert rows[0].source == "abcdef1"
+    d = history.dora(rows)
+    assert (d.deployments, d.change_failure_rate) == (2, 0.0)
+    assert "from staging, approved by ana: looks good" in history.render(rows)
