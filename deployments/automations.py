@@ -6,9 +6,9 @@ registers them: `deployments/serve.py` calls `ensure_automations` once its flows
 - `delivery: crash silent runs`: a `Running` run of ours whose heartbeats stop for `WINDOW` is marked
   `Crashed`. Self-hosted Prefect marks nothing Crashed by itself: when the serve process or the
   worker dies with its runs (SIGKILL, OOM, a lost machine), nobody is left to report them.
-- `delivery: recover crashed deploys`: every `Crashed` run of the `deploy` deployment (and of
-  `recover` itself, whose attempts flows/recover.py bounds) starts a run of the `recover` deployment
-  with the crashed run's id. Why an automation and not an `on_crashed` hook: see flows/recover.py.
+- `delivery: recover crashed deploys`: every `Crashed` run of the `deploy`, `promote` and `rollback`
+  deployments (and of `recover` itself, whose attempts flows/recover.py bounds) starts a run of the
+  `recover` deployment with the crashed run's id. Why an automation and not an `on_crashed` hook: see flows/recover.py.
 
 Both are scoped to our deployments (and the `delivery` tag, which our deployments and the subflows a
 recovery starts carry), so a shared Prefect server's other flows are never touched. Idempotent: each
@@ -55,6 +55,9 @@ DEPLOYMENTS = {
     "recover": "recover/recover",
     "promote": "promote/promote",
 }
+# The deployments whose crashed runs the recover deployment takes over (a subflow run, such as a
+# deploy's automatic rollback, has no deployment: its parent's recovery covers it).
+RECOVERED = ("deploy", "promote", "rollback", "recover")
 CRASH_SILENT_RUNS = "delivery: crash silent runs"
 RECOVER_CRASHED_DEPLOYS = "delivery: recover crashed deploys"
 # Sent through a Prefect notification block when DELIVERY_NOTIFY_WEBHOOK_URL or DELIVERY_NOTIFY_BLOCK
@@ -129,15 +132,16 @@ def desired_automations(deployment_ids: Mapping[str, UUID | str],
     )
     recover = AutomationCore(
         name=RECOVER_CRASHED_DEPLOYS,
-        description=("Runs recover/recover for every Crashed run of deploy/deploy (or of recover/recover, "
-                     "bounded by its max_attempts) with the crashed run's id. Managed by "
+        description=("Runs recover/recover for every Crashed run of deploy/deploy, promote/promote and "
+                     "rollback/rollback (or of recover/recover, bounded by its max_attempts) with the crashed "
+                     "run's id. Managed by "
                      "deployments/automations.py; edits are overwritten."),
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match=_FLOW_RUN,
             match_related=ResourceSpecification({
                 "prefect.resource.role": "deployment",
-                "prefect.resource.id": sorted(f"prefect.deployment.{ids[n]}" for n in ("deploy", "recover")),
+                "prefect.resource.id": sorted(f"prefect.deployment.{ids[n]}" for n in RECOVERED),
             }),
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,

@@ -1,7 +1,7 @@
-"""The recover flow: finish a deploy whose process died.
+"""The recover flow: finish a deploy (or a promotion, or a rollback) whose process died.
 
 A Prefect automation (deployments/automations.py) starts this deployment for every `Crashed` run of
-the `deploy` deployment, whoever marked it: the runner that saw its child process die, or the
+the `deploy`, `promote` and `rollback` deployments, whoever marked it: the runner that saw its child process die, or the
 heartbeat automation that saw a run go silent because the whole serve process or machine is gone.
 
 Why an automation that runs a deployment, and not an `on_crashed` hook on the deploy flow: a hook
@@ -25,6 +25,9 @@ What it does, in order:
    and ends superseded when its commit is no longer the newest for the environment (the deploy's
    own newest-wins check decides; it takes the lock again itself).
 
+A crashed promotion or rollback is not re-run as a subflow but run again as itself (the UI's Retry),
+so that a promotion keeps the approval it was given: see `_recover_by_rerun`.
+
 The report (kind `recover`) links the crashed run and records each step."""
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from typing import Any
 
 from prefect import flow, runtime, tags
 from prefect.artifacts import create_link_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.states import Cancelled, Completed, Failed
 
 from delivery.config import App, Environment, load_config
@@ -51,13 +53,16 @@ from delivery.runs import (
     child_runs,
     crash_unfinished_children,
     ensure_lock,
+    hold_lock,
     read_run,
+    rerun,
     run_url,
     runs_tagged,
     tag_flow_run,
+    wait_until_final,
 )
 from delivery.settings import get_settings
-from flows.common import publish, read_back, work_dir
+from flows.common import deploy_lock, publish, read_back, work_dir
 from flows.deploy import deploy
 from flows.rollback import rollback
 from tasks import gitops, images, records, values
@@ -68,6 +73,8 @@ MAX_ATTEMPTS = 3
 RECOVERS_TAG = "recovers:"
 # The dead run's parameters are passed on unchanged: every one the deploy flow takes.
 DEPLOY_PARAMETERS = tuple(inspect.signature(deploy.fn).parameters)
+# Crashed runs of these are run again as themselves (see `_recover_by_rerun`).
+RERUN_FLOWS = ("promote", "rollback")
 _ACTIVE = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
 _FINISHED = {"COMPLETED", "FAILED", "CANCELLED"}
 
@@ -160,8 +167,9 @@ def _follow(crashed: RunInfo) -> tuple[RunInfo, list[RunInfo]]:
             raise RecoveryError(f"recovery {crashed.name} leads through more than 50 recoveries")
         target = read_run(str(target.parameters.get("crashed_run_id", "")))
         chain.append(target)
-    if target.flow_name != "deploy":
-        raise RecoveryError(f"{target.name} ({target.id}) is a {target.flow_name} run; only deploy runs are recovered")
+    if target.flow_name not in ("deploy", *RERUN_FLOWS):
+        raise RecoveryError(f"{target.name} ({target.id}) is a {target.flow_name} run; only deploy, promote and "
+                            "rollback runs are recovered")
     return target, chain
 
 
@@ -177,6 +185,8 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
     log = get_logger()
     me = str(runtime.flow_run.id or "")
     target, chain = _follow(read_run(crashed_run_id))
+    if target.flow_name in RERUN_FLOWS:
+        return _recover_by_rerun(target, chain, me, max_attempts)
     p = target.parameters
     missing = [k for k in ("app", "environment", "source_ref", "source_sha") if not p.get(k)]
     if missing:
@@ -236,9 +246,8 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
             with report.stage("lock-wait"):
                 lock_timeout = float(p.get("lock_timeout") or 1800)
                 try:
-                    held.enter_context(concurrency(ensure_lock(a.name, env.name), occupy=1, strict=True,
-                                                   timeout_seconds=lock_timeout,
-                                                   lease_duration=get_settings().lock_lease_seconds))
+                    held.enter_context(hold_lock(ensure_lock(a.name, env.name), timeout=lock_timeout,
+                                                 lease_seconds=get_settings().lock_lease_seconds))
                 except TimeoutError as e:
                     raise LockTimeout(f"the deploy lock of {a.name}/{env.name} was not free within "
                                       f"{lock_timeout:g} s") from e
@@ -266,6 +275,86 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _recover_by_rerun(target: RunInfo, chain: list[RunInfo], me: str, max_attempts: int) -> Any:
+    """A crashed promotion or manual rollback is run again as itself, the way the UI's Retry does it: the
+    same run, scheduled again (`runs.rerun`). That keeps what the run already had: a promotion keeps
+    the approval it was given (the server remembers the answered suspension and hands its input back,
+    so nobody is asked twice) and runs its checks, digest check and newest-wins again; its bump of a
+    tag Git already names makes no second commit, and it verifies or rolls back as usual. A rollback
+    puts back the same tag the same way and verifies it. Both take the lock themselves; the recovery
+    waits for the dead run's lease first, so the re-run does not queue behind a ghost. A re-run that
+    crashes again is scheduled again, up to `max_attempts` runs of it in all."""
+    log = get_logger()
+    p = target.parameters
+    a = load_config().app(p["app"])
+    env = a.environment(p["to_environment"] if target.flow_name == "promote" else p["environment"])
+    if me:
+        tag_flow_run(me, [f"{RECOVERS_TAG}{target.id}", f"app:{a.name}", f"env:{env.name}"])
+    report = Report(kind="recover", app=a.name, environment=env.name, tag=p.get("tag") or p.get("to_tag") or "",
+                    health_url=env.health_url, flow_run_id=me, promoted_from=p.get("from_environment") or "")
+    link = f"[{target.name}]({run_url(target.id)})"
+    log.info("recovering %s (%s, %s) by running it again", target.name, target.id, target.state_name)
+    try:
+        with report.stage("crashed-run") as st:
+            st.detail = f"{link} ({target.flow_name}) is {target.state_name}"
+            if target.state_type in _ACTIVE:
+                raise RecoveryError(f"{target.name} is {target.state_name}, not crashed: nothing to take over")
+        if target.state_type in _FINISHED:
+            return _end(report, a, env, target, "completed", f"{target.name} ended {target.state_name} by itself: "
+                                                    "nothing to recover", Completed)
+        with report.stage("attempts") as st:
+            earlier = [r for r in runs_tagged(f"{RECOVERS_TAG}{target.id}", "recover") if r.id != me]
+            busy = [r for r in earlier if r.state_type in _ACTIVE]
+            # Each earlier recovery ran it once (or died doing so); the dead run itself was the first.
+            runs = 1 + len(earlier)
+            st.detail = f"run {runs + 1} of {max_attempts} at most"
+        if busy:
+            return _end(report, a, env, target, "superseded", f"recovery {busy[0].name} of {target.name} is "
+                                                     f"{busy[0].state_name}: this one is not needed", Cancelled)
+        # Its own waits, twice (a promotion that rolls back verifies twice), plus its lock wait.
+        budget = float(p.get("lock_timeout") or 1800) + 2 * sum(
+            float(p.get(k) or d) for k, d in (("sync_timeout", 300), ("rollout_timeout", 120),
+                                              ("health_timeout", 60))) + 120
+        final = target
+        while final.state_type == "CRASHED":
+            if runs >= max_attempts:
+                read_back(report, a, env)
+                return _end(report, a, env, target, "failed",
+                            f"gave up on {target.name} after {runs} runs of it crashed: Git names "
+                            f"{report.git_names}, the cluster runs {report.cluster_runs}, Argo CD: "
+                            f"{report.argocd_final or 'unknown'}", Failed, read=False)
+            with deploy_lock(report, a.name, env.name, float(p.get("lock_timeout") or 1800)):
+                pass  # the dead run's lease has lapsed; the re-run takes the lock itself
+            with report.stage("re-run") as st:
+                rerun(target.id, f"run again by recovery {runtime.flow_run.name or me}: its process died")
+                runs += 1
+                final = wait_until_final(target.id, budget)
+                st.detail = f"{link} ran again and ended {final.state_name}" + (
+                    f": {final.message}" if final.message else "")
+        return _end_rerun(report, a, env, target, final)
+    except Exception as e:
+        if report.result == "running":
+            what = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
+            report.finish("failed", f"recovery of {target.name} failed: {what}")
+        read_back(report, a, env)
+        _publish(report, target)
+        raise
+
+
+def _end_rerun(report: Report, a: App, env: Environment, target: RunInfo, final: RunInfo) -> Any:
+    what = f"{target.name} ran again and ended {final.state_name}" + (f": {final.message}" if final.message else "")
+    if final.state_type == "COMPLETED":
+        report.serving = report.tag
+        return _end(report, a, env, target, "completed", what, Completed)
+    if final.state_type == "CANCELLED":
+        return _end(report, a, env, target, "superseded", what, Cancelled)
+    if final.state_type in _ACTIVE:
+        return _end(report, a, env, target, "failed", f"{target.name} ran again and is still {final.state_name} "
+                                                      "after its own time budget", Failed)
+    return _end(report, a, env, target, "rolled-back" if "; rolled back;" in final.message else "failed", what,
+                Failed)
 
 
 def _record(report: Report, found: Findings) -> None:

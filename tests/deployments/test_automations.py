@@ -124,7 +124,8 @@ def test_serve_creates_the_heartbeat_automation_scoped_to_our_deployments(served
 
 
 def test_serve_creates_the_recovery_automation_for_crashed_deploys(served: PrefectServer) -> None:
-    """A Crashed run of deploy/deploy (or recover/recover) runs recover/recover with the crashed run's id."""
+    """A Crashed run of deploy/deploy, promote/promote, rollback/rollback (or recover/recover) runs
+    recover/recover with the crashed run's id."""
     (recover,) = _automations(served)[RECOVER_CRASHED_DEPLOYS]
     ids = _deployment_ids(served)
     t = recover.trigger
@@ -132,7 +133,7 @@ def test_serve_creates_the_recovery_automation_for_crashed_deploys(served: Prefe
     related = t.match_related.model_dump()
     assert related["prefect.resource.role"] == "deployment"
     assert sorted(related["prefect.resource.id"]) == sorted(
-        f"prefect.deployment.{ids[k]}" for k in ("deploy", "recover"))
+        f"prefect.deployment.{ids[k]}" for k in ("deploy", "promote", "rollback", "recover"))
     (action,) = recover.actions
     assert action.type == "run-deployment" and str(action.deployment_id) == ids["recover"]
     assert action.parameters == {"crashed_run_id": {"__prefect_kind": "jinja", "template": "{{ flow_run.id }}"}}

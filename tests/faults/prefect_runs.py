@@ -46,8 +46,8 @@ def result(proc: subprocess.Popen[str], log: Path, timeout: float = 300) -> dict
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def commits_for(fe: FaultEnv, tag: str) -> int:
-    return sum(1 for _, s in remote_log(fe.gitops, fe.values(ENV), n=50) if s.endswith(f" {tag}"))
+def commits_for(fe: FaultEnv, tag: str, environment: str = ENV) -> int:
+    return sum(1 for _, s in remote_log(fe.gitops, fe.values(environment), n=50) if s.endswith(f" {tag}"))
 
 
 class ArgoPaused:
@@ -170,13 +170,13 @@ def report(server: PrefectServer, run_id: Any, key: str) -> str:
     return run_coro_as_sync(go())
 
 
-def lock_slots(server: PrefectServer) -> int:
+def lock_slots(server: PrefectServer, environment: str = ENV) -> int:
     from prefect.client.orchestration import PrefectClient
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     async def go() -> int:
         async with PrefectClient(server.api_url) as c:
-            return (await c.read_global_concurrency_limit_by_name(f"deploy:workout-api:{ENV}")).active_slots
+            return (await c.read_global_concurrency_limit_by_name(f"deploy:workout-api:{environment}")).active_slots
 
     return run_coro_as_sync(go())
 

@@ -16,8 +16,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from delivery.config import load_config
 from flows.deploy import deploy
+from flows.drift import drift_check
 from flows.recover import recover
-from flows.rollback import rollback
 from tasks import gitops, trailers, values
 from tests.flows.conftest import gitops_log, health
 
@@ -118,8 +118,8 @@ def test_recovery_gives_up_after_its_attempts_saying_what_git_the_registry_and_t
     assert "the cluster runs" in msg and "Argo CD:" in msg, msg
 
 
-def test_only_crashed_deploy_runs_are_taken_over(stack, source):
-    """A deploy still running, and a crashed rollback, are refused with the reason."""
+def test_only_crashed_deploy_promote_and_rollback_runs_are_taken_over(stack, source):
+    """A deploy still running, and a crashed drift check, are refused with the reason."""
     running = _dead_deploy(source.commit("release-dev", note="still running"), Running())
     try:
         state = recover(crashed_run_id=running, return_state=True)
@@ -127,6 +127,6 @@ def test_only_crashed_deploy_runs_are_taken_over(stack, source):
         # Left Running it would count as a queued deploy of the environment for later tests.
         _end(running, Cancelled(message="test over"))
     assert state.is_failed() and "not crashed: nothing to take over" in state.message, state.message
-    other = _dead_run(rollback, {"app": APP, "environment": ENV}, Crashed())
+    other = _dead_run(drift_check, {"apps": [APP]}, Crashed())
     state = recover(crashed_run_id=other, return_state=True)
-    assert state.is_failed() and "only deploy runs are recovered" in state.message, state.message
+    assert state.is_failed() and "only deploy, promote and rollback runs are recovered" in state.message, state.message
