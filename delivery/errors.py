@@ -81,6 +81,11 @@ class LockTimeout(DeliveryError):
     """The environment's deploy lock was not free within the run's lock timeout."""
 
 
+class LockError(DeliveryError):
+    """The environment's deploy lock cannot be taken at all: its concurrency limit is missing or
+    inactive, or the Prefect server refuses the request."""
+
+
 class RollbackError(DeliveryError):
     """The rollback could not be carried out or verified."""
 
