@@ -87,8 +87,12 @@ def run_processes(serve_pid: int) -> list[int]:
     return out
 
 
-def start_serve(fe: FaultEnv, server: PrefectServer, log: Path) -> subprocess.Popen[bytes]:
-    env = run_env(fe, server, DELIVERY_LOCK_LEASE_SECONDS=LEASE_SECONDS, PREFECT_RUNNER_POLL_FREQUENCY="1")
+def start_serve(fe: FaultEnv, server: PrefectServer, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """`python -m deployments.serve` against our server; `extra`: more environment variables. No drift
+    check is scheduled (once a year): its flow-run process would be one more child of serve, and the
+    tests kill the deploy's own."""
+    env = run_env(fe, server, **{"DELIVERY_LOCK_LEASE_SECONDS": LEASE_SECONDS, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+                                 "DELIVERY_DRIFT_CRON": "0 0 1 1 *", **extra})
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=PROJECT_ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -224,3 +228,90 @@ def stop(serve: subprocess.Popen[bytes]) -> None:
         serve.wait(timeout=30)
 
 
+def task_state(server: PrefectServer, run_id: Any, task: str) -> str | None:
+    """State type of the newest run of task `task` (its Prefect name) in flow run `run_id`; None
+    while there is none."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> str | None:
+        async with PrefectClient(server.api_url) as c:
+            runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            ours = sorted((r for r in runs if r.name.startswith(f"{task}-")), key=lambda r: r.created)
+            return ours[-1].state_type.value if ours and ours[-1].state_type else None
+
+    return run_coro_as_sync(go())
+
+
+def wait_task_running(server: PrefectServer, run_id: Any, task: str, timeout: float = 60) -> None:
+    """Until the run's `task` is Running; fails at once when it has already finished (the run went past)."""
+    def running() -> bool:
+        st = task_state(server, run_id, task)
+        assert st in (None, "PENDING", "RUNNING"), f"the run's {task} is {st} already: it went past the point"
+        return st == "RUNNING"
+
+    wait_for(running, timeout, f"the run's {task} task Running", 0.2)
+
+
+def wait_synced(fe: FaultEnv, tag: str, timeout: float = 240) -> float:
+    """Return (time.monotonic()) as soon as Argo CD shows the environment synced and healthy at our
+    values commit for `tag`: the moment the deploy's wait for Argo CD ends (its rollout wait then
+    finds the rollout done at once). A watch, judged as the deploy judges it, so this sees it within
+    milliseconds of the Argo CD emulator writing it."""
+    from kubernetes import client
+
+    from delivery.config import load_config
+    from tasks.argocd import GROUP, PLURAL, VERSION, describe, summarize, sync_verdict
+    from tasks.kube import api_client, watch_object
+
+    env = load_config().app("workout-api").environment(ENV)
+    revision = wait_for(lambda: next((sha for sha, s in remote_log(fe.gitops, fe.values(ENV), n=50)
+                                      if s.endswith(f" {tag}")), None), timeout, f"the values commit for {tag}")
+    states = watch_object(client.CustomObjectsApi(api_client()).list_namespaced_custom_object, env.application,
+                          deadline=time.monotonic() + timeout, group=GROUP, version=VERSION,
+                          namespace=env.argocd_namespace, plural=PLURAL)
+    last = "nothing"
+    for app in states:
+        if app is None:
+            continue
+        last = describe(summarize(app))
+        if sync_verdict(app, str(revision)).state == "done":
+            return time.monotonic()
+    raise AssertionError(f"{env.application} not synced and healthy at {tag} within {timeout:.0f} s (last: {last})")
+
+
+def kill_tree(root: int) -> list[int]:
+    """SIGKILL `root` and every process under it at once, as a lost machine takes them down. Each is
+    stopped first and its children read after, so none can start another process that escapes."""
+    seen: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        seen.append(pid)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return seen
+
+
+def wait_crashed(server: PrefectServer, run_id: Any, killed_at: float, *, silent: bool) -> float:
+    """Until the killed run shows Crashed; returns the seconds since the kill. The runner says so at
+    once when only the run's process died (within 30 s here); when serve died with it (`silent`), the
+    heartbeat automation does: the last heartbeat came at most one interval before the kill, then the
+    window, and the server's proactive evaluation tick (5 s) with some slack."""
+    from deployments.automations import HEARTBEAT_SECONDS, WINDOW
+
+    window = HEARTBEAT_SECONDS + WINDOW.total_seconds() + 20 if silent else 30
+    wait_for(lambda: state(server, run_id)[0] == "CRASHED", max(killed_at + window - time.monotonic(), 1),
+             "the killed run marked Crashed", 0.5)
+    after = time.monotonic() - killed_at
+    print(f"marked Crashed {after:.1f} s after the kill")
+    if silent:
+        assert after >= WINDOW.total_seconds() - HEARTBEAT_SECONDS, after
+        assert f"no heartbeat for {WINDOW.total_seconds():g} s" in state(server, run_id)[1]
+    return after
