@@ -155,7 +155,8 @@ def _keep_lease(lease_id: UUID, name: str, lease_seconds: float, stop: threading
             except httpx.HTTPStatusError as e:
                 if e.response.status_code in (404, 410):
                     lost(f"the Prefect server no longer knows the lease of the lock {name!r} "
-                         f"({e.response.status_code}): it expired while the server could not be reached")
+                         f"({e.response.status_code}): it expired (the server was out of reach for longer "
+                         "than the lease) or was revoked")
                     return
                 if not _server_trouble(e):
                     log.warning("renewing the lease of the lock %r: %s", name, e)

@@ -71,10 +71,12 @@ class Settings(BaseSettings):
     github_attempts: int = Field(default=4, ge=1)
     github_retry_seconds: float = Field(default=30, gt=0)
 
-    # Lease of the per-environment deploy lock: renewed while the run lives, so this is how long a
-    # killed run keeps the environment locked before Prefect's repossessor frees it (the server
-    # refuses leases under 60 s).
-    lock_lease_seconds: float = Field(default=60, ge=60)
+    # Lease of the per-environment deploy lock, renewed every 10 s while the run lives
+    # (delivery/runs.py): how long a killed run keeps the environment locked before Prefect's
+    # repossessor frees it, and the longest Prefect server outage (less 10 s) a running deploy keeps
+    # its lock through. 120 s: a server stopped 60 s and started again (measured, about 70 s without
+    # an API) does not free the lock under a live deploy. The server refuses leases under 60 s.
+    lock_lease_seconds: float = Field(default=120, ge=60)
 
     # How long a promotion that needs an approval waits for one (suspended, holding no lock and no
     # process) before it ends Cancelled. A promote run's `approval_timeout` parameter overrides it.

@@ -14,14 +14,13 @@ from typing import Any
 
 from prefect import runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.states import Cancelled, Failed
 
 from delivery.config import App, Environment
 from delivery.errors import DeliveryError, DeploySuperseded, LockTimeout, PromotionRefused
 from delivery.log import get_logger
 from delivery.report import Report
-from delivery.runs import ensure_lock
+from delivery.runs import LockNotFree, ensure_lock, hold_lock
 from delivery.settings import get_settings
 from tasks import argocd, gitops, probes
 
@@ -40,11 +39,10 @@ def deploy_lock(report: Report, app: str, environment: str, timeout: float) -> I
     with ExitStack() as held:
         with report.stage("lock-wait"):
             try:
-                held.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=timeout,
-                                               lease_duration=get_settings().lock_lease_seconds))
-            except TimeoutError as e:
+                held.enter_context(hold_lock(lock, timeout=timeout, lease_seconds=get_settings().lock_lease_seconds))
+            except LockNotFree as e:
                 raise LockTimeout(f"the deploy lock of {app}/{environment} was not free within "
-                                  f"{timeout:g} s: another deploy or rollback holds it") from e
+                                  f"{timeout:g} s: {e.last}") from e
         yield
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, runtime
-from prefect.concurrency.sync import concurrency
 
 from delivery.config import load_config
 from delivery.errors import ArgoCDError, DeliveryError, RollbackError
 from delivery.log import get_logger
 from delivery.report import Report
-from delivery.runs import ensure_lock
+from delivery.runs import ensure_lock, hold_lock
 from delivery.settings import get_settings
 from flows import feedback
 from flows.common import commit_author, publish, read_back, verify, work_dir
@@ -55,8 +54,7 @@ def rollback(
     if runtime.flow_run.parent_flow_run_id:
         return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout,
                          github_deployment_id)
-    with concurrency(ensure_lock(app, environment), occupy=1, strict=True, timeout_seconds=1800,
-                     lease_duration=get_settings().lock_lease_seconds):
+    with hold_lock(ensure_lock(app, environment), timeout=1800, lease_seconds=get_settings().lock_lease_seconds):
         return _rollback(a, env, to_tag, reason, sync_timeout, rollout_timeout, health_timeout,
                          github_deployment_id)
 

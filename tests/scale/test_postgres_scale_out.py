@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +32,7 @@ from sandbox import engine
 from sandbox.manager import CHART_PATH, IMAGE_REPOSITORY, Sandbox, SandboxState, free_port, prefect_server_env
 from tests.deployments.conftest import POOL, PREFECT, cli_env, prefect_cli
 from tests.fixtures_sandbox import free_port_block
+from tests.postgres import private_postgres
 
 pytestmark = [pytest.mark.scale, pytest.mark.docker, pytest.mark.sandbox]
 
@@ -92,21 +91,8 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL cluster on a free loopback port (scripts/postgres.sh), removed at the end."""
-    # Not under pytest's tmp dir: that one is private to root and the cluster belongs to `postgres`.
-    top = Path(tempfile.mkdtemp(prefix="delivery-pg-"))
-    top.chmod(0o755)
-    script = PROJECT_ROOT / "scripts" / "postgres.sh"
-    try:
-        res = subprocess.run(["bash", str(script), "start", str(top / "pg"), str(free_port())],
-                             capture_output=True, text=True, timeout=600, check=False)
-        assert res.returncode == 0, res.stderr[-3000:]
-        url = res.stdout.strip().splitlines()[-1]
-        assert url.startswith("postgresql+asyncpg://"), url
+    with private_postgres() as (url, _):
         yield url
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(top / "pg")], capture_output=True, timeout=120,
-                       check=False)
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @dataclass
