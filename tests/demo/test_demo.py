@@ -94,7 +94,7 @@ def _assert_story(res: subprocess.CompletedProcess[str], s: DemoStack) -> None:
     out = assert_story_told(res)
     assert "when" in out and "rolled-back" in out and "completed" in out
     for line in ("Deployment frequency:", "Median lead time (push received → verified healthy):",
-                 "Change failure rate: 50%", "Median time to restore (failed deploy → verified rollback):"):
+                 "Change failure rate: 33%", "Median time to restore (failed deploy → verified rollback):"):
         assert line in out, line
     assert f"Prefect UI: http://127.0.0.1:{s.prefect_port}" in out
     # dev's verified release promoted to staging by itself; the promotion to prod waits for its approval.

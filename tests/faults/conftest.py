@@ -237,7 +237,9 @@ def stop_fault_env(fe: FaultEnv) -> None:
         for img in client.images.list(name=fe.image):
             for t in img.tags:
                 try:
-                    client.images.remove(t, noprune=False)
+                    # Untagged only: the layers under it are the engine's build cache, which
+                    # another suite's build running at the same time may be using.
+                    client.images.remove(t, noprune=True)
                 except docker.errors.APIError:
                     pass
     finally:
