@@ -477,3 +477,100 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.monotonic()
     out = fn()
     return out, time.monotonic() - t0
+
+
+# ------------------------------------------------------------------------------------ soak helpers
+
+
+def bad_settings_text(marker: str = "", fault: str = "crash") -> str:
+    """A bad release of the sample app: crashes at start (`crash`) or never passes readiness (`unhealthy`)."""
+    text = settings_text(healthy=fault != "unhealthy", marker=marker)
+    if fault == "crash":
+        text = text.replace("CRASH_ON_START=false", "CRASH_ON_START=true")
+    return text
+
+
+def unfinished_runs(horizon: float = 5.0) -> list[Any]:
+    """Flow runs that are pending, running or cancelling, or scheduled to start within `horizon` seconds
+    (the drift check's cron runs further ahead do not count)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    active = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    due = datetime.now(UTC) + timedelta(seconds=horizon)
+    with prefect_client() as c:
+        runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))), limit=200)
+    return [r for r in runs if not (r.state_type == StateType.SCHEDULED and r.expected_start_time
+                                    and r.expected_start_time > due)]
+
+
+def wait_idle(timeout: float, interval: float = 1.0) -> float:
+    """Seconds until no flow run is unfinished (`unfinished_runs`); raises TimeoutError naming them."""
+    t0 = time.monotonic()
+    while True:
+        left = unfinished_runs()
+        if not left:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            names = ", ".join(f"{r.name} ({r.state_name})" for r in left[:5])
+            raise TimeoutError(f"{len(left)} flow run(s) still unfinished after {timeout:.0f} s: {names}")
+        time.sleep(interval)
+
+
+def tree_files(root: Path) -> tuple[int, int]:
+    """(files, bytes) under `root`, not following symlinks; (0, 0) when it does not exist."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            files += 1
+            size += st.st_size
+    return files, size
+
+
+def pids_by_argv0(name: str) -> list[int]:
+    """Pids whose program (argv[0]'s last part) is `name`: for reading shared processes, never stopping them."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv0 = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0 and Path(argv0).name == name:
+            out.append(int(d))
+    return out
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP `port` (IPv4 or IPv6), from /proc: for reading only."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return None
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                link = os.readlink(f"/proc/{d}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(d)
+        except OSError:
+            continue
+    return None

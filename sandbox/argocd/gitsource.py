@@ -15,6 +15,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ _HELM_TIMEOUT = 60
 # Argo CD's own prefix for a manifest that cannot be generated.
 _GEN_FAILED = ("Failed to load target state: failed to generate manifest for source 1 of 1: rpc error: "
                "code = Unknown desc = Manifest generation error (cached): ")
+# Renders kept; the least recently used goes first. Every app renders every new commit of its branch,
+# so an unbounded cache grew with each deploy (the 200-deploy soak saw it); Argo CD's repo-server
+# expires its manifest cache too (24 h by default). A render dropped is only `helm template` again.
+_RENDERS_KEPT = 256
 
 
 class GitSource:
@@ -40,7 +45,7 @@ class GitSource:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # A commit's render never changes: (url, sha, path, value files, release, namespace) -> Desired.
-        self._renders: dict[tuple[Any, ...], Desired] = {}
+        self._renders: OrderedDict[tuple[Any, ...], Desired] = OrderedDict()
 
     def _git(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
         env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
@@ -160,8 +165,10 @@ def render(git: GitSource, source: Mapping[str, Any], sha: str, *, release: str,
     chart = posixpath.normpath(str(source.get("path") or "."))
     files = value_files(source)
     key = (url, sha, chart, tuple(files), release, namespace)
-    if key in git._renders:
-        return git._renders[key]
+    with git._guard:
+        if key in git._renders:
+            git._renders.move_to_end(key)
+            return git._renders[key]
     with tempfile.TemporaryDirectory(prefix="render-") as tmp:
         root = git.tree(url, sha, Path(tmp))
         chart_dir = (root / chart).resolve()
@@ -185,5 +192,8 @@ def render(git: GitSource, source: Mapping[str, Any], sha: str, *, release: str,
             raise ComparisonError(f"{_GEN_FAILED}the rendered manifests are not YAML: "
                                   f"{' '.join(str(e).split())}") from e
     desired = desired_from_manifests(docs)
-    git._renders[key] = desired
+    with git._guard:
+        git._renders[key] = desired
+        while len(git._renders) > _RENDERS_KEPT:
+            git._renders.popitem(last=False)
     return desired

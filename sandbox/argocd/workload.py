@@ -358,12 +358,34 @@ class Workload(threading.Thread):
 
     def _scale_down_others(self, spec: LiveSpec) -> None:
         keep = replica_set_name(self.deploy_name, spec.image)
+        old = []
         for rs in self._replica_sets(spec):
             name = rs["metadata"]["name"]
-            if name != keep and (rs.get("spec") or {}).get("replicas"):
+            if name == keep:
+                continue
+            old.append(rs)
+            if (rs.get("spec") or {}).get("replicas"):
                 with contextlib.suppress(ApiException):
                     self.api.patch_namespaced_custom_object("apps", "v1", self.namespace, "replicasets", name,
                                                             {"spec": {"replicas": 0}})
+        self._clean_up_old(old)
+
+    def _clean_up_old(self, old: list[dict[str, Any]]) -> None:
+        """The Deployment controller's cleanup: of the old ReplicaSets (all scaled to zero by now) only
+        the newest `revisionHistoryLimit` stay, oldest revision deleted first. Without it every release
+        ever rolled out stays in the API (a leak the 200-deploy soak found: one ReplicaSet per deploy)."""
+        dep = self._read()
+        if dep is None:
+            return
+        limit = (dep.get("spec") or {}).get("revisionHistoryLimit")
+        limit = 10 if limit is None else max(0, int(limit))  # apps/v1's default
+        uid = (dep.get("metadata") or {}).get("uid")
+        owned = [rs for rs in old if any(o.get("uid") == uid for o in rs["metadata"].get("ownerReferences") or [])]
+        owned.sort(key=lambda rs: int((rs["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION) or 0))
+        for rs in owned[:max(0, len(owned) - limit)]:
+            with contextlib.suppress(ApiException):
+                self.api.delete_namespaced_custom_object("apps", "v1", self.namespace, "replicasets",
+                                                         rs["metadata"]["name"])
 
     def _new_pod(self, rs: dict[str, Any], spec: LiveSpec) -> Pod:
         pod_name = f"{rs['metadata']['name']}-{secrets.token_hex(3)[:5]}"
