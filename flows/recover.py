@@ -203,16 +203,9 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
     log.info("recovering %s (%s, %s) of %s to %s", target.name, target.id, target.state_name, tag, env.name)
     scratch = Path(tempfile.mkdtemp(prefix="recover-", dir=work_dir(a.name)))
     try:
-        with report.stage("crashed-run") as st:
-            st.detail = f"{link} is {target.state_name}"
-            if len(chain) > 1:
-                st.detail += "; recoveries that crashed too: " + ", ".join(r.name for r in chain[:-1])
-            if target.state_type in _ACTIVE:
-                raise RecoveryError(f"{target.name} is {target.state_name}, not crashed: nothing to take over")
+        _crashed_run(report, target, chain, link)
         if target.state_type in _FINISHED:
-            # Marked Crashed while still alive (heartbeats lost, not the process), then it finished.
-            return _end(report, a, env, target, "completed", f"{target.name} ended {target.state_name} by itself: "
-                                                    "nothing to recover", Completed)
+            return _ended_by_itself(report, a, env, target)
         with report.stage("leftovers") as st:
             dead = [r.id for r in chain if r.state_type == "CRASHED"]
             marked = crash_unfinished_children(dead, f"its parent run died; recovered by {me or 'a recovery'}")
@@ -253,9 +246,7 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
                                       f"{lock_timeout:g} s") from e
             now = read_run(target.id)
             if now.state_type in _FINISHED:
-                # It was alive after all (marked Crashed for lost heartbeats) and has finished since.
-                return _end(report, a, env, target, "completed", f"{target.name} ended {now.state_name} by "
-                                                                 "itself: nothing to recover", Completed)
+                return _ended_by_itself(report, a, env, now)
             with report.stage("where-it-stopped") as st:
                 found = find_where_it_stopped(a, env, tag, p["source_sha"], scratch, dead_runs)
                 st.detail = found.where()
@@ -267,11 +258,7 @@ def recover(crashed_run_id: str, max_attempts: int = MAX_ATTEMPTS) -> Any:
         # this one superseded, which is what newest-wins wants.
         return _finish_deploy(report, a, env, target, {k: p[k] for k in DEPLOY_PARAMETERS if k in p})
     except Exception as e:
-        if report.result == "running":
-            what = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
-            report.finish("failed", f"recovery of {target.name} failed: {what}")
-        read_back(report, a, env)
-        _publish(report, target)
+        _failed(report, a, env, target, e)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -297,13 +284,9 @@ def _recover_by_rerun(target: RunInfo, chain: list[RunInfo], me: str, max_attemp
     link = f"[{target.name}]({run_url(target.id)})"
     log.info("recovering %s (%s, %s) by running it again", target.name, target.id, target.state_name)
     try:
-        with report.stage("crashed-run") as st:
-            st.detail = f"{link} ({target.flow_name}) is {target.state_name}"
-            if target.state_type in _ACTIVE:
-                raise RecoveryError(f"{target.name} is {target.state_name}, not crashed: nothing to take over")
+        _crashed_run(report, target, chain, link)
         if target.state_type in _FINISHED:
-            return _end(report, a, env, target, "completed", f"{target.name} ended {target.state_name} by itself: "
-                                                    "nothing to recover", Completed)
+            return _ended_by_itself(report, a, env, target)
         with report.stage("attempts") as st:
             earlier = [r for r in runs_tagged(f"{RECOVERS_TAG}{target.id}", "recover") if r.id != me]
             busy = [r for r in earlier if r.state_type in _ACTIVE]
@@ -335,12 +318,34 @@ def _recover_by_rerun(target: RunInfo, chain: list[RunInfo], me: str, max_attemp
                     f": {final.message}" if final.message else "")
         return _end_rerun(report, a, env, target, final)
     except Exception as e:
-        if report.result == "running":
-            what = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
-            report.finish("failed", f"recovery of {target.name} failed: {what}")
-        read_back(report, a, env)
-        _publish(report, target)
+        _failed(report, a, env, target, e)
         raise
+
+
+def _crashed_run(report: Report, target: RunInfo, chain: list[RunInfo], link: str) -> None:
+    """The report's first stage names the run taken over (and the recoveries of it that crashed too);
+    a run still active is refused."""
+    with report.stage("crashed-run") as st:
+        st.detail = f"{link} ({target.flow_name}) is {target.state_name}"
+        if len(chain) > 1:
+            st.detail += "; recoveries that crashed too: " + ", ".join(r.name for r in chain[:-1])
+        if target.state_type in _ACTIVE:
+            raise RecoveryError(f"{target.name} is {target.state_name}, not crashed: nothing to take over")
+
+
+def _ended_by_itself(report: Report, a: App, env: Environment, target: RunInfo) -> Any:
+    """Marked Crashed while still alive (heartbeats lost, not the process), it then finished."""
+    return _end(report, a, env, target, "completed", f"{target.name} ended {target.state_name} by itself: "
+                                            "nothing to recover", Completed)
+
+
+def _failed(report: Report, a: App, env: Environment, target: RunInfo, e: Exception) -> None:
+    """The recovery itself failed: the report says why and what Git and the cluster show now."""
+    if report.result == "running":
+        what = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
+        report.finish("failed", f"recovery of {target.name} failed: {what}")
+    read_back(report, a, env)
+    _publish(report, target)
 
 
 def _end_rerun(report: Report, a: App, env: Environment, target: RunInfo, final: RunInfo) -> Any:

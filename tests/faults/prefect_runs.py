@@ -197,15 +197,19 @@ def verified_in_git(fe: FaultEnv, tag: str) -> bool:
     return f"verified app=workout-api env={ENV} tag={tag} " in notes
 
 
+def finished_recovery(server: PrefectServer, run_id: Any, deadline: float) -> Any:
+    """The newest recover run started for `run_id`, once it is final; waits until `deadline` (monotonic)."""
+    return wait_for(lambda: (rs := recoveries(server, run_id)) and state(server, rs[-1].id)[0] in
+                    ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
+                    max(deadline - time.monotonic(), 1), "the recovery run to finish", 1)
+
+
 def assert_recovered(fe: FaultEnv, server: PrefectServer, run_id: Any, tag: str, killed_at: float,
                       log: Path) -> Any:
     """Without anything from the test: a recovery run finishes the dead deploy within 3 minutes of the
     kill, the new version verified and served, one values commit for it, Git naming what serves, the
     lock free, and the recovery's report linking the dead run."""
-    deadline = killed_at + 180
-    recovery = wait_for(lambda: (rs := recoveries(server, run_id)) and state(server, rs[-1].id)[0] in
-                        ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
-                        max(deadline - time.monotonic(), 1), "the recovery run to finish", 1)
+    recovery = finished_recovery(server, run_id, killed_at + 180)
     st, message = state(server, recovery.id)
     assert st == "COMPLETED", f"{st}: {message}\n{log.read_text()[-3000:]}"
     assert len(recoveries(server, run_id)) == 1

@@ -27,7 +27,7 @@ from tests.faults.prefect_runs import (
     commits_for,
     deployment_exists,
     descendants,
-    recoveries,
+    finished_recovery,
     result,
     run_processes,
     run_state,
@@ -163,9 +163,7 @@ def test_one_run_killed_does_not_take_another(settings_of: FaultEnv, server: Pre
         assert serve.poll() is None, "the serve process outlives a killed run"
         # The killed run is recovered too: the same deploy, already done by the first run, is verified
         # again once the first frees the lock, with no second commit.
-        recovery = wait_for(lambda: (rs := recoveries(server, second)) and state(server, rs[-1].id)[0] in
-                            ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1], 180,
-                            "the killed run's recovery to finish", 1)
+        recovery = finished_recovery(server, second, time.monotonic() + 180)
         assert state(server, recovery.id)[0] == "COMPLETED", state(server, recovery.id)
         assert commits_for(fe, tag) == 1
     finally:

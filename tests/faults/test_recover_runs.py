@@ -25,8 +25,8 @@ from tests.faults.prefect_runs import (
     ArgoPaused,
     commits_for,
     deployment_exists,
+    finished_recovery,
     lock_slots,
-    recoveries,
     report,
     run_processes,
     start_run,
@@ -96,9 +96,7 @@ def test_promotion_killed_after_its_approval_is_run_again_with_that_approval(
             wait_for(lambda: state(server, run_id)[0] == "CRASHED", 30, "the killed promotion marked Crashed", 0.5)
             print(f"marked Crashed {time.monotonic() - killed_at:.1f} s after the kill")
 
-        recovery = wait_for(lambda: (rs := recoveries(server, run_id)) and state(server, rs[-1].id)[0] in
-                            ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
-                            max(killed_at + 180 - time.monotonic(), 1), "the recovery to finish", 1)
+        recovery = finished_recovery(server, run_id, killed_at + 180)
         st, message = state(server, recovery.id)
         assert st == "COMPLETED", f"{st}: {message}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
         print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill: {message}")
@@ -156,9 +154,7 @@ def test_rollback_killed_after_its_commit_is_run_again(settings_of: FaultEnv, se
             os.kill(victims.pop(), signal.SIGKILL)
             wait_for(lambda: state(server, run_id)[0] == "CRASHED", 30, "the killed rollback marked Crashed", 0.5)
 
-        recovery = wait_for(lambda: (rs := recoveries(server, run_id)) and state(server, rs[-1].id)[0] in
-                            ("COMPLETED", "FAILED", "CANCELLED", "CRASHED") and rs[-1],
-                            max(killed_at + 180 - time.monotonic(), 1), "the recovery to finish", 1)
+        recovery = finished_recovery(server, run_id, killed_at + 180)
         st, message = state(server, recovery.id)
         assert st == "COMPLETED", f"{st}: {message}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
         print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill: {message}")
